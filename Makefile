@@ -1,0 +1,31 @@
+# Two commands set up a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/autostructn2v
+export AUTOSTRUCTN2V_CACHE_DIR ?= $(CURDIR)/.jax_cache
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(CLI) demo-data demo_data
+	$(CLI) train --config configs/demo.py --config.input_dir=demo_data/noisy \
+		--config.output_dir=demo_run --config.clean_dir=demo_data/clean --config.overwrite=true
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/speed.py
+	$(PY) benchmarks/quality.py
+
+clean:
+	rm -rf demo_data demo_run .pytest_cache .jax_cache

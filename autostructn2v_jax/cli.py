@@ -1,0 +1,210 @@
+"""Command line: `autostructn2v {train,predict,extract-mask,demo-data}`.
+
+Config overrides use the ml_collections flag syntax: `--config.stage1.patch_size=64`.
+Every user error is printed as one line (`autostructn2v: error: ...`) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import sys
+import time
+
+log = logging.getLogger("autostructn2v_jax")
+
+
+def _setup_jax() -> None:
+    """A persistent compile cache: the second run of a command skips most compilation."""
+    import jax
+
+    cache = os.environ.get("AUTOSTRUCTN2V_CACHE_DIR") or str(pathlib.Path.home() / ".cache" / "autostructn2v_jax")
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    from autostructn2v_jax import parallel
+
+    parallel.initialize_distributed()
+
+
+def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            item = arg[len("--config."):]
+            if "=" not in item and i + 1 < len(argv):
+                item = f"{item}={argv[i + 1]}"
+                i += 1
+            overrides.append(item)
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autostructn2v",
+        description="Self-supervised denoising of microscopy TIFFs: Noise2Void (stage 1) and "
+                    "structured Noise2Void with an automatically found structural mask (stage 2).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bar")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a run (stage 1, stage 2 or both) and denoise its input",
+                       description="Train on a folder of noisy TIFFs. Override any config key with "
+                                   "--config.KEY=VALUE, e.g. --config.input_dir=DIR --config.output_dir=RUN.")
+    p.add_argument("--config", default="configs/default.py", help="config file (PATH[:ARG]) with get_config()")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    p = sub.add_parser("predict", help="denoise TIFFs with a trained run")
+    p.add_argument("--run", required=True, help="run folder written by `train`")
+    p.add_argument("--input", required=True, help="a TIFF file or a folder of TIFFs")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--stage", choices=("stage1", "stage2"), default=None,
+                   help="which stage to apply (default: the last one trained)")
+    p.add_argument("--axes", default="", help="axes of the input, e.g. YX, SYX, ZYX, TYX")
+    p.add_argument("--float32", action="store_true", help="write float32 instead of the input dtype")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation (mean over 8 flips/rotations)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+    p = sub.add_parser("extract-mask", help="find the structural mask of a folder of noisy TIFFs")
+    p.add_argument("--input", required=True, help="folder of noisy TIFFs")
+    p.add_argument("--output", required=True, help="where to write the mask (.npy)")
+    p.add_argument("--config", default="configs/default.py", help="config file; uses stage2.extractor")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing mask file")
+
+    p = sub.add_parser("demo-data", help="write a small synthetic noisy/clean TIFF dataset")
+    p.add_argument("output", help="folder to create (noisy/ and clean/ inside)")
+    p.add_argument("--count", type=int, default=4)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--noise", default="hcorr", choices=("white", "hcorr", "vcorr"))
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+class _Progress:
+    """A tqdm bar per stage showing epoch, losses and patches/s."""
+
+    def __init__(self, total_epochs: int, enabled: bool):
+        self.total, self.enabled, self.bars = total_epochs, enabled, {}
+
+    def __call__(self, stage: str, record: dict) -> None:
+        if not self.enabled:
+            log.info("%s epoch %d: loss %.5g val %.5g lr %.3g %.0f patches/s", stage, record["epoch"],
+                     record["train_loss"], record["val_loss"], record["learning_rate"],
+                     record["patches_per_second"])
+            return
+        from tqdm import tqdm
+
+        if stage not in self.bars:
+            for bar in self.bars.values():
+                bar.close()
+            self.bars[stage] = tqdm(total=self.total, desc=stage, unit="epoch", initial=record["epoch"] - 1)
+        bar = self.bars[stage]
+        bar.set_postfix(loss=f"{record['train_loss']:.4g}", val=f"{record['val_loss']:.4g}",
+                        pps=f"{record['patches_per_second']:.0f}")
+        bar.update(1)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _cmd_train(args, overrides) -> int:
+    from autostructn2v_jax import config as config_lib
+    from autostructn2v_jax import pipeline
+
+    cfg = config_lib.load_config(args.config)
+    config_lib.apply_overrides(cfg, overrides)
+    if args.print_config:
+        print(config_lib.to_json(cfg))
+        return 0
+    progress = _Progress(int(cfg.num_epochs), enabled=not args.quiet and sys.stderr.isatty())
+    t0 = time.perf_counter()
+    try:
+        summary = pipeline.run_pipeline(cfg, progress=progress)
+    finally:
+        progress.close()
+    final = summary["outputs"][summary["final"]]
+    print(f"denoised images: {final}  ({time.perf_counter() - t0:.0f} s)")
+    if summary.get("stages", {}).get("stage2", {}).get("mask"):
+        print(f"structural mask: {summary['stages']['stage2']['mask']}")
+    if summary.get("psnr"):
+        mean = summary["psnr"]["mean"]
+        print("PSNR vs clean (dB): " + ", ".join(f"{k} {v:.2f}" for k, v in mean.items()))
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from autostructn2v_jax import pipeline
+
+    written = pipeline.predict_files(args.run, args.input, args.output, overwrite=args.overwrite,
+                                     axes=args.axes, output_dtype="float32" if args.float32 else "input",
+                                     tta=args.tta, stage=args.stage)
+    print(f"wrote {len(written)} file(s) to {args.output}")
+    return 0
+
+
+def _cmd_extract_mask(args, overrides) -> int:
+    from autostructn2v_jax import config as config_lib
+    from autostructn2v_jax import pipeline, structure
+    from autostructn2v_jax.errors import UserInputError
+
+    out = pathlib.Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise UserInputError(f"{out}: exists; pass --overwrite to replace it")
+    cfg = config_lib.load_config(args.config)
+    config_lib.apply_overrides(cfg, overrides)
+    structure.validate_extractor_config(cfg.stage2.extractor, prefix="stage2.extractor")
+    ds = pipeline.load_dataset(args.input, cfg.axes)
+    patches = pipeline._structure_patches(ds.flat(), cfg.stage2.extractor, int(cfg.random_seed))
+    mask, _ = structure.find_structural_mask(patches, cfg.stage2.extractor)
+    structure.save_mask(out, mask)
+    print(f"{out}: {structure.mask_summary(mask)}")
+    return 0
+
+
+def _cmd_demo_data(args) -> int:
+    from autostructn2v_jax import synth
+
+    out = synth.write_demo_data(args.output, count=args.count, size=args.size, case=args.noise, seed=args.seed)
+    print(f"wrote {args.count} noisy/clean pairs ({args.noise} noise) to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = _split_config_overrides(argv)
+    parser = build_parser()
+    args = parser.parse_args(rest)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else (logging.WARNING if args.quiet else logging.INFO),
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if overrides and args.command not in ("train", "extract-mask"):
+        parser.error(f"--config.* overrides are only for train and extract-mask, got {overrides[0]!r}")
+    from autostructn2v_jax.errors import TrainingDivergedError, UserInputError
+
+    try:
+        _setup_jax()
+        if args.command == "train":
+            return _cmd_train(args, overrides)
+        if args.command == "predict":
+            return _cmd_predict(args)
+        if args.command == "extract-mask":
+            return _cmd_extract_mask(args, overrides)
+        return _cmd_demo_data(args)
+    except (UserInputError, TrainingDivergedError) as err:
+        print(f"autostructn2v: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autostructn2v: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

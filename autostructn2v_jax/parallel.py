@@ -1,0 +1,45 @@
+"""Data parallelism through `jax.sharding`: a 1-D mesh over the batch axis.
+
+The train state and the image bank are replicated; each step's batch of patches is constrained to
+be split over the `data` axis, and XLA (GSPMD) partitions the rest, including the BatchNorm
+statistics, which are reduced over the global batch. Multi-host: call `initialize_distributed()`
+(`jax.distributed.initialize`) in every process before anything else; every process reads the same
+images and draws the same keys, so the global batch is identical everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+
+def initialize_distributed() -> None:
+    """Join a multi-host run when the launcher set the usual environment variables."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("AUTOSTRUCTN2V_DISTRIBUTED"):
+        jax.distributed.initialize()
+        log.info("process %d of %d, %d global devices", jax.process_index(), jax.process_count(),
+                 jax.device_count())
+
+
+def data_mesh(batch_size: int) -> Mesh:
+    """A ('data',) mesh over the largest number of devices that divides the batch size."""
+    devices = jax.devices()
+    count = max(d for d in range(1, len(devices) + 1) if batch_size % d == 0)
+    if count < len(devices):
+        log.warning("batch_size %d is not divisible by the %d devices: using %d of them",
+                    batch_size, len(devices), count)
+    return jax.make_mesh((count,), ("data",), axis_types=(AxisType.Auto,), devices=devices[:count])
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P("data"))

@@ -1,0 +1,319 @@
+"""The four execution modes, composed from data, structure, train and predict.
+
+1. full pipeline (`run_stage1`, `run_stage2`, `stage2.mask_source` in stage1 / stage1_residual)
+2. stage 1 only (`run_stage2=False`)
+3. stage 2 with a mask file (`run_stage1=False`, `mask_source="file"`)
+4. stage 2 with a mask extracted from the raw images (`run_stage1=False`, `mask_source="extractor"`)
+
+Run folder (`output_dir`): `config.json`, `normalization.json`, `stage1/` and `stage2/` with
+`checkpoints/`, `metrics.jsonl`, `model.json`, `denoised/`; `mask/` for stage 2; `summary.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import shutil
+from typing import Callable
+
+import jax
+import numpy as np
+
+from autostructn2v_jax import config as config_lib
+from autostructn2v_jax import data, masking, predict, structure, synth, train
+from autostructn2v_jax.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Dataset:
+    """The input images: per file its planes (original dtype), metadata and normalised planes."""
+
+    paths: list[pathlib.Path]
+    raw: list[np.ndarray]  # (P, H, W) per file, original dtype
+    meta: list[dict]
+    normed: list[list[np.ndarray]]  # float32 per plane
+    stats: list[list[dict]]
+
+    def flat(self) -> list[np.ndarray]:
+        return [p for planes in self.normed for p in planes]
+
+
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_dataset(folder: str | os.PathLike, axes: str = "") -> Dataset:
+    paths = data.list_tiffs(folder)
+    raw, meta, normed, stats = [], [], [], []
+    for path in paths:
+        planes, m = data.read_image(path, axes or None)
+        raw.append(planes)
+        meta.append(m)
+        pairs = [data.normalize(p) for p in planes]
+        normed.append([n for n, _ in pairs])
+        stats.append([s for _, s in pairs])
+    return Dataset(paths, raw, meta, normed, stats)
+
+
+def split_planes(ds: Dataset, cfg, patch_size: int):
+    """(train, val, test) plane lists; a held-out region when there are too few planes."""
+    planes = ds.flat()
+    train_idx, val_idx, test_idx = data.split_images(len(planes), tuple(cfg.split_ratio), int(cfg.random_seed))
+    if len(val_idx) == 0 or len(train_idx) == 0:
+        train_planes, val_planes = data.holdout_split([planes[i] for i in range(len(planes))], patch_size)
+        log.info("%d image plane(s): validation uses a held-out region of each image", len(planes))
+        return train_planes, val_planes, []
+    return [planes[i] for i in train_idx], [planes[i] for i in val_idx], [planes[i] for i in test_idx]
+
+
+class StageModel:
+    """A trained stage: its variables and a tiled predictor for whole images."""
+
+    def __init__(self, variables: dict, stage_cfg, tta: bool = False):
+        self.variables = variables
+        self.num_layers = int(stage_cfg.num_layers)
+        self.features = int(stage_cfg.features)
+        self.tile_size = int(stage_cfg.predict_tile_size)
+        self.tta = tta
+        self.apply_fn = predict.eval_apply_fn(self.features, self.num_layers)
+
+    def __call__(self, plane: np.ndarray) -> np.ndarray:
+        return predict.predict_image(self.variables, plane, apply_fn=self.apply_fn,
+                                     num_layers=self.num_layers, tile_size=self.tile_size, tta=self.tta)
+
+
+def denoise_dataset(model: StageModel, ds: Dataset, out_dir: pathlib.Path, cfg, *,
+                    inputs: list[list[np.ndarray]] | None = None, overwrite: bool = True) -> list[list[np.ndarray]]:
+    """Denoise every plane (normalised space), write TIFFs in the input's units; return normed outputs."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = None if cfg.output_dtype == "input" else "float32"
+    results = []
+    for i, path in enumerate(ds.paths):
+        planes_in = inputs[i] if inputs is not None else ds.normed[i]
+        outs = [model(p) for p in planes_in]
+        results.append(outs)
+        restored = np.stack([data.denormalize(o, s) for o, s in zip(outs, ds.stats[i])])
+        data.write_image(out_dir / path.name, restored, ds.meta[i], dtype=dtype, overwrite=overwrite)
+    return results
+
+
+def _stage_model_json(stage_dir: pathlib.Path, stage_cfg, kernel: np.ndarray, name: str) -> None:
+    write_text_atomic(stage_dir / "model.json", json.dumps(dict(
+        format_version=config_lib.FORMAT_VERSION, stage=name, features=int(stage_cfg.features),
+        num_layers=int(stage_cfg.num_layers), patch_size=int(stage_cfg.patch_size),
+        predict_tile_size=int(stage_cfg.predict_tile_size), kernel=np.asarray(kernel, int).tolist(),
+    ), indent=2))
+
+
+def _structure_patches(planes: list[np.ndarray], ext_cfg, seed: int) -> np.ndarray:
+    """Patches for the autocorrelation: never augmented (rotations would wash the correlation out)."""
+    size = min(int(ext_cfg.patch_size), *(min(p.shape) for p in planes))
+    bank = data.make_bank(planes, size, bool(ext_cfg.use_background), 0.5, 0.25, True)
+    key = jax.random.fold_in(jax.random.key(seed), 0xAC)
+    return np.asarray(jax.jit(data.sample_patches, static_argnums=(2, 3))(
+        key, jax.device_put(bank), size, int(ext_cfg.num_patches)))
+
+
+def find_mask(cfg, ds: Dataset, train_planes_for_acf: list[np.ndarray], run_dir: pathlib.Path):
+    """The stage-2 kernel from the configured source; writes `mask/`."""
+    s2 = cfg.stage2
+    mask_dir = run_dir / "mask"
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    info: dict = {"source": s2.mask_source}
+    if s2.mask_source == "file":
+        mask = structure.load_mask_file(s2.mask_file_path)
+    else:
+        patches = _structure_patches(train_planes_for_acf, s2.extractor, int(cfg.random_seed))
+        mask, extracted = structure.find_structural_mask(patches, s2.extractor)
+        info.update(extracted)
+        acf = np.asarray(extracted.get("cropped_autocorr", extracted.get("autocorr_crop", [])))
+        tmp = mask_dir / "autocorrelation.npy.part"
+        with open(tmp, "wb") as fh:
+            np.save(fh, acf)
+        os.replace(tmp, mask_dir / "autocorrelation.npy")
+    structure.save_mask(mask_dir / "structural_mask.npy", mask)
+    summary = structure.mask_summary(mask)
+    info["summary"] = summary
+    tiled, _ = masking.tile_mask(jax.random.key(int(cfg.random_seed)), mask,
+                                 (int(s2.patch_size),) * 2, float(s2.mask_percentage))
+    try:
+        structure.plot_mask_figure(info, mask, np.asarray(tiled), mask_dir / "mask.png")
+    except Exception as err:  # a figure must never cost a run
+        log.warning("could not draw mask figure: %s", err)
+    write_text_atomic(mask_dir / "extraction.json", json.dumps(_jsonable(info), indent=2))
+    log.info("stage 2 structural mask (%s): %s", s2.mask_source, summary)
+    if mask.sum() == 1:
+        log.info("no structure found: stage 2 trains as plain N2V with the stage-2 settings")
+    return mask, info
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        return obj.item()
+    return obj
+
+
+def prepare_run_dir(cfg) -> pathlib.Path:
+    """Create the run folder; refuse a folder holding a different run unless `overwrite`."""
+    run_dir = pathlib.Path(cfg.output_dir)
+    cfg_path = run_dir / "config.json"
+    text = config_lib.to_json(cfg)
+    if cfg_path.exists():
+        if cfg_path.read_text() != text:
+            if not cfg.overwrite:
+                raise UserInputError(
+                    f"{run_dir}: holds a run with a different config; choose a new output_dir "
+                    "or pass --config.overwrite=true to replace it")
+            for sub in ("stage1", "stage2", "mask"):
+                shutil.rmtree(run_dir / sub, ignore_errors=True)
+        else:
+            log.info("%s: same config found, resuming", run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(cfg_path, text)
+    return run_dir
+
+
+def _psnr_table(cfg, ds: Dataset, outputs: dict[str, list[list[np.ndarray]]]) -> dict | None:
+    if not cfg.clean_dir:
+        return None
+    clean = load_dataset(cfg.clean_dir, cfg.axes)
+    by_name = {p.name: planes for p, planes in zip(clean.paths, clean.raw)}
+    table: dict[str, dict[str, float]] = {}
+    for i, path in enumerate(ds.paths):
+        if path.name not in by_name:
+            raise UserInputError(f"{pathlib.Path(cfg.clean_dir) / path.name}: no clean reference for {path}")
+        ref = by_name[path.name].astype(np.float32)
+        if ref.shape != ds.raw[i].shape:
+            raise UserInputError(f"{pathlib.Path(cfg.clean_dir) / path.name}: shape {ref.shape} "
+                                 f"does not match the noisy image {ds.raw[i].shape}")
+        row = {"noisy": synth.psnr(ref, ds.raw[i].astype(np.float32))}
+        for stage, outs in outputs.items():
+            restored = np.stack([data.denormalize(o, s) for o, s in zip(outs[i], ds.stats[i])])
+            row[stage] = synth.psnr(ref, restored)
+        table[path.name] = row
+    means = {k: float(np.mean([r[k] for r in table.values()])) for k in next(iter(table.values()))}
+    return {"per_image": table, "mean": means}
+
+
+def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> dict:
+    """Run the configured mode end to end; return a summary (also written to `summary.json`)."""
+    config_lib.validate_config(cfg)
+    ds = load_dataset(cfg.input_dir, cfg.axes)
+    for name, run in (("stage1", cfg.run_stage1), ("stage2", cfg.run_stage2)):
+        if run:
+            data.check_min_size(ds.raw, ds.paths, int(cfg[name].patch_size), f"{name}.patch_size")
+    run_dir = prepare_run_dir(cfg)
+    write_text_atomic(run_dir / "normalization.json", json.dumps(
+        {p.name: s for p, s in zip(ds.paths, ds.stats)}, indent=2, default=float))
+    summary: dict = {"stages": {}, "outputs": {}}
+    outputs: dict[str, list[list[np.ndarray]]] = {}
+
+    stage1_out = None
+    if cfg.run_stage1:
+        s1 = cfg.stage1
+        kernel = masking.stage1_kernel(int(s1.mask_center_size))
+        train_p, val_p, _ = split_planes(ds, cfg, int(s1.patch_size))
+        result = train.train_stage(train_p, val_p, s1, cfg, kernel, run_dir / "stage1", name="stage1",
+                                   progress=(lambda r: progress("stage1", r)) if progress else None)
+        _stage_model_json(run_dir / "stage1", s1, kernel, "stage1")
+        model = StageModel(result.variables, s1)
+        stage1_out = denoise_dataset(model, ds, run_dir / "stage1" / "denoised", cfg)
+        outputs["stage1"] = stage1_out
+        summary["stages"]["stage1"] = dict(best_val_loss=result.best_val_loss, epochs=result.epochs_run,
+                                           stopped_early=result.stopped_early)
+        summary["outputs"]["stage1"] = str(run_dir / "stage1" / "denoised")
+
+    if cfg.run_stage2:
+        s2 = cfg.stage2
+        train_p, val_p, _ = split_planes(ds, cfg, int(s2.patch_size))
+        source = s2.mask_source
+        if source in ("stage1", "stage1_residual"):
+            flat_out = [p for planes in stage1_out for p in planes]
+            if source == "stage1_residual":
+                flat_out = [n - o for n, o in zip(ds.flat(), flat_out)]
+            acf_planes = flat_out
+        else:
+            acf_planes = ds.flat()
+        kernel, info = find_mask(cfg, ds, acf_planes, run_dir)
+        result = train.train_stage(train_p, val_p, s2, cfg, kernel, run_dir / "stage2", name="stage2",
+                                   progress=(lambda r: progress("stage2", r)) if progress else None)
+        _stage_model_json(run_dir / "stage2", s2, kernel, "stage2")
+        model = StageModel(result.variables, s2)
+        outputs["stage2"] = denoise_dataset(model, ds, run_dir / "stage2" / "denoised", cfg)
+        summary["stages"]["stage2"] = dict(best_val_loss=result.best_val_loss, epochs=result.epochs_run,
+                                           stopped_early=result.stopped_early, mask=info.get("summary"),
+                                           mask_pixels=int(np.asarray(kernel).sum()))
+        summary["outputs"]["stage2"] = str(run_dir / "stage2" / "denoised")
+
+    summary["final"] = "stage2" if cfg.run_stage2 else "stage1"
+    summary["psnr"] = _psnr_table(cfg, ds, outputs)
+    write_text_atomic(run_dir / "summary.json", json.dumps(_jsonable(summary), indent=2))
+    return summary
+
+
+# --------------------------------------------------------------------------- prediction with a run
+
+
+def load_run(run_dir: str | os.PathLike, stage: str | None = None):
+    """(config, stage name, StageModel) of the last trained stage of a run folder."""
+    run_dir = pathlib.Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise UserInputError(f"{run_dir}: not a run folder (no config.json)")
+    cfg = config_lib.from_json(cfg_path.read_text())
+    names = [stage] if stage else ["stage2", "stage1"]
+    for name in names:
+        model_json = run_dir / name / "model.json"
+        if not model_json.is_file():
+            continue
+        meta = json.loads(model_json.read_text())
+        if meta.get("format_version") != config_lib.FORMAT_VERSION:
+            raise UserInputError(f"{model_json}: run folder from an incompatible version "
+                                 f"(format {meta.get('format_version')}, expected {config_lib.FORMAT_VERSION})")
+        variables = train.load_stage_variables(run_dir / name, meta["features"], meta["num_layers"],
+                                               meta["patch_size"])
+        if variables is None:
+            raise UserInputError(f"{run_dir / name / 'checkpoints'}: no checkpoint found")
+        return cfg, name, StageModel(variables, cfg[name])
+    raise UserInputError(f"{run_dir}: no trained stage found (no stage1/ or stage2/ model.json)")
+
+
+def predict_files(run_dir, input_path, output_dir, *, overwrite: bool = False, axes: str = "",
+                  output_dtype: str = "input", tta: bool = False, stage: str | None = None) -> list[pathlib.Path]:
+    """Denoise a TIFF file or a folder of TIFFs with a trained run; return the written paths."""
+    cfg, name, model = load_run(run_dir, stage)
+    model.tta = tta
+    input_path = pathlib.Path(input_path)
+    paths = [input_path] if input_path.is_file() else data.list_tiffs(input_path)
+    out_dir = pathlib.Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = None if output_dtype == "input" else "float32"
+    written = []
+    for path in paths:
+        target = out_dir / path.name
+        if target.exists() and not overwrite:
+            raise UserInputError(f"{target}: exists; pass --overwrite to replace it")
+    for path in paths:
+        planes, meta = data.read_image(path, axes or None)
+        outs = []
+        for plane in planes:
+            normed, stats = data.normalize(plane)
+            outs.append(data.denormalize(model(normed), stats))
+        data.write_image(out_dir / path.name, np.stack(outs), meta, dtype=dtype, overwrite=overwrite)
+        written.append(out_dir / path.name)
+    log.info("%s: denoised %d file(s) with %s into %s", run_dir, len(written), name, out_dir)
+    return written

@@ -1,0 +1,14 @@
+"""Test set-up: a persistent compile cache so repeated jits are cheap."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import jax
+
+_CACHE = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
+jax.config.update("jax_compilation_cache_dir", str(_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+os.environ.setdefault("AUTOSTRUCTN2V_CACHE_DIR", str(_CACHE))
