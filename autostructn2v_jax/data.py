@@ -228,6 +228,22 @@ def read_image(path: str | os.PathLike, axes: str | None = None) -> tuple[np.nda
                 resolution = _resolution_meta(tif)
                 if math.prod(series.shape) == 0:
                     raise UserInputError(f"{path}: zero-size image (shape {tuple(series.shape)})")
+                # Size guard: a corrupt header can claim an enormous image; refuse it before
+                # tifffile allocates the output (limit: 16 GiB, or half the RAM if smaller).
+                nbytes = math.prod(int(s) for s in series.shape) * np.dtype(series.dtype).itemsize
+                limit = 16 << 30
+                try:
+                    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                    limit = min(limit, ram // 2)
+                except (AttributeError, ValueError, OSError):
+                    pass
+                if nbytes > limit:
+                    raise UserInputError(
+                        f"{path}: header claims a {tuple(int(s) for s in series.shape)} "
+                        f"{np.dtype(series.dtype)} image ({nbytes / 2**30:.1f} GiB), more than the "
+                        f"{limit / 2**30:.1f} GiB this reader accepts (corrupt header or image too "
+                        f"large)"
+                    )
                 _check_file_extent(tif, series, path)
                 arr = series.asarray()
     except UserInputError:

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from autostructn2v_jax import config as config_lib
-from autostructn2v_jax import data, masking, predict, structure, synth, train
+from autostructn2v_jax import data, masking, models, predict, structure, synth, train
 from autostructn2v_jax.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -83,11 +83,17 @@ class StageModel:
         self.features = int(stage_cfg.features)
         self.tile_size = int(stage_cfg.predict_tile_size)
         self.tta = tta
-        self.apply_fn = predict.eval_apply_fn(self.features, self.num_layers)
+        self.apply_fn = models.make_apply_fn(self.features, self.num_layers)
 
     def __call__(self, plane: np.ndarray) -> np.ndarray:
-        return predict.predict_image(self.variables, plane, apply_fn=self.apply_fn,
-                                     num_layers=self.num_layers, tile_size=self.tile_size, tta=self.tta)
+        # A small image gets a smaller tile (no wasted compute); images of at least the configured
+        # tile share one compiled shape.
+        auto = predict.tile_plan(plane.shape, self.num_layers)
+        tile = min(self.tile_size, auto.tile) if self.tile_size > 2 * auto.halo + 2 ** self.num_layers else auto.tile
+        plan = predict.tile_plan(plane.shape, self.num_layers, tile)
+        batch = max(1, min(8, plan.ny * plan.nx))
+        return predict.predict_image(self.variables, plane, apply_fn=self.apply_fn, num_layers=self.num_layers,
+                                     tile_size=tile, batch_tiles=batch, tta=self.tta)
 
 
 def denoise_dataset(model: StageModel, ds: Dataset, out_dir: pathlib.Path, cfg, *,

@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from autostructn2v_jax import data, masking, models, parallel
 from autostructn2v_jax.checkpoint import Checkpointer
@@ -143,11 +142,31 @@ def make_train_fn(spec: StageSpec, apply_fn: Callable, sharding: NamedSharding |
         )
         return new_state, loss
 
+    k = spec.steps_per_dispatch
+    if not use_scan():
+        # XLA:CPU runs convolutions inside a while loop (lax.scan) ~15x slower than in straight
+        # code (measured: 4.7 s vs 0.29 s per step), so on CPU each step is its own dispatch;
+        # dispatch is asynchronous, so there is still no host round trip per step.
+        step = jax.jit(one_step, donate_argnums=0)
+
+        def run_steps(state, bank, root):
+            losses = []
+            for _ in range(k):
+                state, loss = step(state, bank, root)
+                losses.append(loss)
+            return state, jnp.stack(losses)
+
+        return run_steps
+
     def run(state: TrainState, bank: data.ImageBank, root: jax.Array):
-        return jax.lax.scan(lambda s, _: one_step(s, bank, root), state, None,
-                            length=spec.steps_per_dispatch)
+        return jax.lax.scan(lambda s, _: one_step(s, bank, root), state, None, length=k)
 
     return jax.jit(run, donate_argnums=0)
+
+
+def use_scan() -> bool:
+    """Several steps per compiled call on accelerators; one step per call on CPU (see above)."""
+    return jax.default_backend() != "cpu"
 
 
 def make_val_set(key: jax.Array, bank: data.ImageBank, spec: StageSpec, count: int,
@@ -164,19 +183,21 @@ def make_val_set(key: jax.Array, bank: data.ImageBank, spec: StageSpec, count: i
 
 
 def make_eval_fn(apply_fn: Callable) -> Callable:
-    """jit(variables, val_set) -> masked MSE over the whole validation set."""
+    """fn(variables, val_set) -> masked MSE over the whole fixed validation set (a device scalar)."""
+
+    @jax.jit
+    def batch_sums(variables, inputs, targets, masks):
+        out = apply_fn(variables, inputs[..., None], train=False)[..., 0]
+        return jnp.stack([jnp.sum(masks * (out - targets) ** 2), jnp.sum(masks)])
 
     def run(variables, val_set):
-        def body(carry, batch):
-            inputs, targets, masks = batch
-            out = apply_fn(variables, inputs[..., None], train=False)[..., 0]
-            sq = jnp.sum(masks * (out - targets) ** 2)
-            return (carry[0] + sq, carry[1] + jnp.sum(masks)), None
+        inputs, targets, masks = val_set
+        # A host loop over the few validation batches (not lax.scan: slow on CPU, see above);
+        # the sums stay on the device.
+        total = sum(batch_sums(variables, inputs[i], targets[i], masks[i]) for i in range(inputs.shape[0]))
+        return total[0] / jnp.maximum(total[1], 1.0)
 
-        (total, count), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), val_set)
-        return total / jnp.maximum(count, 1.0)
-
-    return jax.jit(run)
+    return run
 
 
 def init_state(spec: StageSpec, seed: int, learning_rate: float) -> TrainState:

@@ -1,0 +1,253 @@
+"""U-Net model: shapes, init, batch stats, fast ops == stock ops, receptive field, training."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from autostructn2v_jax.errors import ConfigError
+from autostructn2v_jax.models import (
+    UNet,
+    UpConv2x2,
+    apply_model,
+    architecture,
+    check_patch_size,
+    count_params,
+    init_variables,
+    make_apply_fn,
+    max_pool_2x2,
+    receptive_field,
+)
+
+F, L = 8, 2
+
+# jitted once per (shape, train): eager Flax dispatch is slow on CPU
+fwd = jax.jit(apply_model, static_argnums=2)
+
+
+@pytest.fixture(scope="module")
+def variables():
+    return init_variables(F, L, 32, 0)
+
+
+def _rand(seed, shape):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def test_output_shape_dtype_nhwc(variables):
+    x = _rand(1, (2, 32, 48, 1))
+    y = fwd(variables, x, False)
+    assert y.shape == (2, 32, 48, 1) and y.dtype == jnp.float32
+    y2, stats = fwd(variables, x, True)
+    assert y2.shape == (2, 32, 48, 1) and y2.dtype == jnp.float32
+    assert jax.tree_util.tree_structure(stats) == jax.tree_util.tree_structure(
+        variables["batch_stats"]
+    )
+    assert architecture(variables) == (F, L)
+    assert make_apply_fn(F, L) is make_apply_fn(F, L)
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(make_apply_fn(F, L), static_argnums=2)(variables, x, False)), y,
+        atol=1e-6)
+
+
+def test_variables_are_plain_dicts_and_param_count(variables):
+    assert type(variables) is dict and set(variables) == {"params", "batch_stats"}
+    assert type(variables["params"]) is dict and type(variables["params"]["enc_0"]) is dict
+    n = sum(a.size for a in jax.tree_util.tree_leaves(variables["params"]))
+    assert count_params(variables) == n > 0
+    for leaf in jax.tree_util.tree_leaves(variables):
+        assert leaf.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("bad", [30, 4, 0, -8, 33, "32", 32.0, True, None])
+def test_check_patch_size_errors(bad):
+    with pytest.raises(ConfigError) as err:
+        check_patch_size(bad, 2, key="stage2.patch_size")
+    assert "stage2.patch_size" in str(err.value)
+
+
+def test_check_patch_size_ok_and_init_validates():
+    check_patch_size(32, 2)
+    check_patch_size(8, 2)
+    check_patch_size(np.int64(64), 3)
+    with pytest.raises(ConfigError, match="stage1.patch_size"):
+        init_variables(F, L, 30, 0)
+
+
+def test_init_deterministic_by_seed(variables):
+    same = init_variables(F, L, 64, 0)
+    other = init_variables(F, L, 32, 1)
+    for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(same)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    diffs = [
+        not np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(
+            jax.tree_util.tree_leaves(variables["params"]),
+            jax.tree_util.tree_leaves(other["params"]),
+        )
+    ]
+    assert any(diffs)
+    # a jax key works too
+    keyed = init_variables(F, L, 32, jax.random.key(3, impl="rbg"))
+    assert count_params(keyed) == count_params(variables)
+
+
+def test_train_mode_updates_batch_stats_eval_mode_uses_them(variables):
+    x = 3.0 + 2.0 * _rand(2, (4, 16, 16, 1))
+    _, stats = fwd(variables, x, True)
+    old = variables["batch_stats"]["enc_0"]["BatchNorm_0"]
+    new = stats["enc_0"]["BatchNorm_0"]
+    assert not np.allclose(np.asarray(old["mean"]), np.asarray(new["mean"]))
+    assert not np.allclose(np.asarray(old["var"]), np.asarray(new["var"]))
+    # eval mode: each sample independent of the rest of the batch (running averages)
+    v2 = {"params": variables["params"], "batch_stats": stats}
+    y_all = fwd(v2, x, False)
+    y_one = fwd(v2, x[1:2], False)
+    np.testing.assert_allclose(np.asarray(y_all[1:2]), np.asarray(y_one), atol=1e-5)
+    # train mode: batch statistics, so the result depends on the batch
+    y_tr_all, _ = fwd(v2, x, True)
+    y_tr_one, _ = fwd(v2, x[1:2], True)
+    assert not np.allclose(np.asarray(y_tr_all[1:2]), np.asarray(y_tr_one), atol=1e-4)
+
+
+def _upconv_reference_kernel(dense_kernel, c_out):
+    c_in = dense_kernel.shape[0]
+    k = dense_kernel.reshape(c_in, 2, 2, c_out)
+    return jnp.transpose(k, (1, 2, 0, 3))[::-1, ::-1]  # HWIO, spatially flipped
+
+
+def test_fast_upconv_equals_transposed_conv():
+    x = _rand(4, (2, 5, 7, 6))
+    mod = UpConv2x2(3)
+    v = mod.init(jax.random.key(0), x)
+    v = jax.tree_util.tree_map(lambda a: a + 0.1 * _rand(9, a.shape), v)  # non-zero bias
+    bias = v["params"]["bias"]
+
+    def fast(x, kernel, bias):
+        return mod.apply({"params": {"kernel": kernel, "bias": bias}}, x)
+
+    def lax_ref(x, kernel, bias):
+        w = _upconv_reference_kernel(kernel, 3)
+        dn = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_transpose(x, w, (2, 2), "VALID", dimension_numbers=dn) + bias
+
+    stock = nn.ConvTranspose(3, (2, 2), strides=(2, 2), padding="VALID")
+
+    def flax_ref(x, kernel, bias):
+        w = _upconv_reference_kernel(kernel, 3)
+        return stock.apply({"params": {"kernel": w, "bias": bias}}, x)
+
+    y = fast(x, v["params"]["kernel"], bias)
+    assert y.shape == (2, 10, 14, 3)
+    g = _rand(5, y.shape)
+    for ref in (lax_ref, flax_ref):
+        np.testing.assert_allclose(
+            np.asarray(y), np.asarray(ref(x, v["params"]["kernel"], bias)), atol=1e-5
+        )
+        grads_fast = jax.grad(lambda *a: jnp.sum(fast(*a) * g), argnums=(0, 1, 2))(
+            x, v["params"]["kernel"], bias)
+        grads_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * g), argnums=(0, 1, 2))(
+            x, v["params"]["kernel"], bias)
+        for a, b in zip(grads_fast, grads_ref):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+
+
+def test_fast_maxpool_equals_flax_max_pool():
+    x = _rand(6, (3, 8, 12, 5))
+    ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(max_pool_2x2(x)), np.asarray(ref(x)))
+    g = _rand(7, (3, 4, 6, 5))
+    ga = jax.grad(lambda x: jnp.sum(max_pool_2x2(x) * g))(x)
+    gb = jax.grad(lambda x: jnp.sum(ref(x) * g))(x)
+    np.testing.assert_array_equal(np.asarray(ga), np.asarray(gb))
+
+
+def test_fast_network_equals_stock_network():
+    feats, depth = 4, 2
+    x = _rand(8, (2, 16, 24, 1))
+    fast = UNet(feats, depth)
+    v = jax.jit(lambda k: fast.init(k, x, train=False))(jax.random.key(1, impl="rbg"))
+    params = dict(v["params"])
+    stock_params = dict(params)
+    for level in range(depth):
+        up = params[f"up_{level}"]
+        c_out = up["bias"].shape[0]
+        stock_params[f"up_{level}"] = {
+            "kernel": _upconv_reference_kernel(up["kernel"], c_out), "bias": up["bias"]}
+    stock = UNet(feats, depth, fast_ops=False)
+
+    @jax.jit
+    def both(v, stock_params, x):  # train mode (batch statistics): the same ops as eval mode
+        a, _ = fast.apply(v, x, train=True, mutable=["batch_stats"])
+        b, _ = stock.apply({"params": stock_params, "batch_stats": v["batch_stats"]}, x,
+                           train=True, mutable=["batch_stats"])
+        return a, b
+
+    a, b = both(v, stock_params, x)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_receptive_field_empirical(depth):
+    feats, size = 4, 64
+    v = init_variables(feats, depth, size, 11)
+    # non-trivial running statistics
+    v = {
+        "params": v["params"],
+        "batch_stats": jax.tree_util.tree_map(
+            lambda a: a + 0.1 * jnp.abs(_rand(3, a.shape)), v["batch_stats"]),
+    }
+    apply = make_apply_fn(feats, depth)
+    m = 2**depth
+    base = _rand(12, (1, size, size, 1))
+    xs, centres = [base], []
+    for phase in range(m):  # every phase of the pooling grid
+        c = size // 2 - m + phase
+        centres.append(c)
+        xs.append(base.at[0, c, c, 0].add(5.0))
+    y = np.asarray(jax.jit(lambda x: apply(v, x, False))(jnp.concatenate(xs)))
+    rf = receptive_field(depth)
+    yy, xx = np.mgrid[:size, :size]
+    reach = 0
+    for i, c in enumerate(centres):
+        changed = y[i + 1, ..., 0] != y[0, ..., 0]
+        dist = np.maximum(np.abs(yy - c), np.abs(xx - c))
+        assert changed.any()
+        assert not changed[dist > rf].any(), "output changed beyond the receptive field"
+        reach = max(reach, int(dist[changed].max()))
+    assert reach == rf, (reach, rf)  # the bound is tight
+
+
+def test_receptive_field_values():
+    assert [receptive_field(n) for n in range(4)] == [2, 9, 23, 51]
+
+
+def test_gradient_step_reduces_loss(variables):
+    apply = make_apply_fn(F, L)
+    x = _rand(20, (4, 16, 16, 1))
+    target = 0.5 * x
+
+    def loss_fn(params, stats):
+        y, new_stats = apply({"params": params, "batch_stats": stats}, x, True)
+        return jnp.mean((y - target) ** 2), new_stats
+
+    opt = optax.adam(1e-2)
+
+    @jax.jit
+    def step(params, stats, opt_state):
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_stats, opt_state, loss
+
+    params, stats = variables["params"], variables["batch_stats"]
+    opt_state = opt.init(params)
+    losses = []
+    for _ in range(8):
+        params, stats, opt_state, loss = step(params, stats, opt_state)
+        losses.append(float(loss))
+    assert np.isfinite(losses).all()
+    assert losses[-1] < 0.7 * losses[0], losses

@@ -1,0 +1,140 @@
+"""Tiled prediction: exact equality with whole-frame prediction, borders, TTA, one compile."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from autostructn2v_jax.errors import ConfigError, UserInputError
+from autostructn2v_jax.models import apply_model, init_variables, make_apply_fn, receptive_field
+from autostructn2v_jax.predict import make_predict_fn, predict_image, tile_plan
+
+F, L = 8, 2
+TILE = 80  # core 32 + 2 * halo 24 (receptive field 23 rounded up to a multiple of 2)
+SIZES = [(100, 77), (64, 64), (40, 130), (20, 20), (3, 9)]
+
+
+@pytest.fixture(scope="module")
+def variables():
+    v = init_variables(F, L, 32, 5)
+    keys = iter(jax.random.split(jax.random.key(0), 1000))
+
+    def perturb(path, a):  # non-trivial running statistics
+        r = jax.random.uniform(next(keys), a.shape, minval=0.5, maxval=1.5)
+        name = jax.tree_util.keystr(path)
+        return a * r if "var" in name else a + (r - 1.0)
+
+    stats = jax.tree_util.tree_map_with_path(perturb, v["batch_stats"])
+    return {"params": v["params"], "batch_stats": stats}
+
+
+def _image(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (np.sin(yy / 5.0) * np.cos(xx / 7.0) + 0.3 * rng.standard_normal(shape)).astype(
+        np.float32
+    )
+
+
+_whole = jax.jit(lambda v, x: make_apply_fn(F, L)(v, x, False))
+
+
+def _whole_image_reference(variables, image, halo):
+    """Network on the whole reflect-padded image (top/left pad = halo, bottom/right >= halo up to
+    a multiple of 2**L: a different frame from the tiles'), cropped."""
+    h, w = image.shape
+    m = 2**L
+    fh, fw = -(-(h + 2 * halo) // m) * m, -(-(w + 2 * halo) // m) * m
+    frame = np.pad(image, ((halo, fh - h - halo), (halo, fw - w - halo)), mode="reflect")
+    y = np.asarray(_whole(variables, frame[None, ..., None]))[0, ..., 0]
+    return y[halo: halo + h, halo: halo + w]
+
+
+def test_tile_plan_geometry():
+    plan = tile_plan((100, 77), L, TILE)
+    assert plan.halo >= receptive_field(L) and (2 * plan.halo) % 2**L == 0
+    assert plan.tile == TILE and plan.core == TILE - 2 * plan.halo and plan.core % 2**L == 0
+    assert (plan.ny, plan.nx) == (4, 3)
+    assert plan.pad[0][0] == plan.halo and plan.pad[0][1] >= plan.halo
+    default = tile_plan((1000, 300), L)
+    assert default.core == 256 and default.tile % 2**L == 0
+    small = tile_plan((20, 13), L)
+    assert small.ny == small.nx == 1 and small.core % 2**L == 0
+
+
+@pytest.mark.parametrize("shape", SIZES)
+def test_tiled_equals_whole_image(variables, shape):
+    image = _image(shape, seed=sum(shape))
+    plan = tile_plan(shape, L, TILE)
+    tiled = predict_image(variables, image, tile_size=TILE, batch_tiles=3)
+    assert tiled.shape == shape and tiled.dtype == np.float32
+    ref = _whole_image_reference(variables, image, plan.halo)
+    np.testing.assert_allclose(tiled, ref, atol=1e-5, rtol=0)
+    # border rows / columns are real predictions, not zeros
+    for edge in (tiled[0], tiled[-1], tiled[:, 0], tiled[:, -1]):
+        assert np.all(np.isfinite(edge)) and np.any(edge != 0)
+    np.testing.assert_allclose(tiled[0], ref[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(tiled[:, -1], ref[:, -1], atol=1e-5, rtol=0)
+
+
+def test_default_tile_size_and_explicit_arguments(variables):
+    image = _image((70, 45), seed=3)
+    a = predict_image(variables, image)  # defaults: apply_model, depth read from variables
+    b = predict_image(variables, image, apply_fn=make_apply_fn(F, L), num_layers=L, batch_tiles=1)
+    ref = _whole_image_reference(variables, image, tile_plan(image.shape, L).halo)
+    np.testing.assert_allclose(a, ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(b, ref, atol=1e-5, rtol=0)
+
+
+def test_one_compile_for_all_image_sizes(variables):
+    traces = []
+
+    def counted_apply(v, x, train):
+        traces.append(x.shape)
+        return apply_model(v, x, train)
+
+    for shape in SIZES:
+        out = predict_image(variables, _image(shape), apply_fn=counted_apply, tile_size=TILE)
+        assert out.shape == shape
+    assert traces == [(8, TILE, TILE, 1)]
+
+
+def test_make_predict_fn_fixed_batch(variables):
+    fn = make_predict_fn(make_apply_fn(F, L), TILE, 2)
+    tiles = jnp.asarray(np.stack([_image((TILE, TILE), s) for s in range(2)])[..., None])
+    out = fn(variables, tiles)
+    assert out.shape == (2, TILE, TILE, 1) and out.dtype == jnp.float32
+    np.testing.assert_allclose(
+        np.asarray(out), np.asarray(_whole(variables, tiles)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(37, 50), (20, 20)])
+def test_tta_of_identity_is_identity(shape):
+    image = _image(shape, seed=7)
+    identity = lambda v, x, train: x  # noqa: E731
+    affine = lambda v, x, train: 2.0 * x + 1.0  # noqa: E731
+    for fn, expect in ((identity, image), (affine, 2.0 * image + 1.0)):
+        out = predict_image({}, image, apply_fn=fn, num_layers=L, tile_size=TILE, tta=True)
+        np.testing.assert_allclose(out, expect, atol=1e-6, rtol=0)
+
+
+def test_tta_with_network(variables):
+    image = _image((30, 41), seed=9)
+    out = predict_image(variables, image, tile_size=TILE, tta=True)
+    plain = predict_image(variables, image, tile_size=TILE)
+    assert out.shape == image.shape and out.dtype == np.float32
+    assert np.all(np.isfinite(out))
+    assert np.abs(out - plain).max() < 10 * (np.abs(plain).max() + 1)
+
+
+def test_errors(variables):
+    with pytest.raises(UserInputError):
+        predict_image(variables, np.zeros((2, 8, 8), np.float32), tile_size=TILE)
+    with pytest.raises(ConfigError, match="tile_size"):
+        predict_image(variables, _image((16, 16)), tile_size=82)  # not a multiple of 4
+    with pytest.raises(ConfigError, match="tile_size"):
+        predict_image(variables, _image((16, 16)), tile_size=48)  # no room for the core
+    with pytest.warns(UserWarning, match="receptive field"):
+        tile_plan((16, 16), L, TILE, halo=2)
