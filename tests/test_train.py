@@ -1,0 +1,124 @@
+"""Training loop: fixed validation set, resume equals uninterrupted, divergence, no recompiles."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from autostructn2v_jax import config as config_lib
+from autostructn2v_jax import data, masking, models, train
+from autostructn2v_jax.errors import TrainingDivergedError
+
+
+def _cfg(num_epochs=2, **stage):
+    cfg = config_lib.base_config()
+    cfg.num_epochs = num_epochs
+    s = cfg.stage1
+    s.patch_size, s.batch_size, s.features, s.patches_per_image = 32, 4, 8, 8
+    s.num_val_patches, s.steps_per_dispatch, s.learning_rate = 8, 2, 1e-3
+    s.update(stage)
+    return cfg
+
+
+def _planes(seed=0, n=2, size=64):
+    rng = np.random.default_rng(seed)
+    return [data.normalize(rng.random((size, size)).astype(np.float32))[0] for _ in range(n)]
+
+
+def test_validation_set_is_fixed_and_masked():
+    cfg = _cfg()
+    spec = train.StageSpec.from_config("stage1", cfg.stage1, masking.stage1_kernel(1))
+    bank = jax.device_put(data.make_bank(_planes(), 32))
+    a = train.make_val_set(jax.random.key(3), bank, spec, 8)
+    b = train.make_val_set(jax.random.key(3), bank, spec, 8)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    inputs, targets, masks = (np.asarray(v) for v in a)
+    assert masks.any() and masks.mean() == pytest.approx(0.15, abs=0.01)
+    # The loss is taken where the input was hidden: an identity "network" is not rewarded.
+    identity_loss = float(np.sum(masks * (inputs - targets) ** 2) / masks.sum())
+    assert identity_loss > 0.1
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    planes, val = _planes(0), _planes(1, 1)
+    kernel = masking.stage1_kernel(1)
+    full = train.train_stage(planes, val, _cfg(2).stage1, _cfg(2), kernel, tmp_path / "a", name="stage1")
+    # "Interrupted" run: one epoch, then the same stage again with two epochs resumes from epoch 1.
+    train.train_stage(planes, val, _cfg(1).stage1, _cfg(1), kernel, tmp_path / "b", name="stage1")
+    resumed = train.train_stage(planes, val, _cfg(2).stage1, _cfg(2), kernel, tmp_path / "b", name="stage1")
+    assert full.epochs_run == resumed.epochs_run == 2
+    for x, y in zip(jax.tree.leaves(full.variables), jax.tree.leaves(resumed.variables)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    a = [json.loads(line)["val_loss"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line)["val_loss"] for line in lines]
+    assert a == b  # bitwise-identical losses on CPU with the same seed
+
+
+def test_nan_loss_stops_with_stage_and_step(tmp_path):
+    planes = _planes(0)
+    planes[0][5:60, 5:60] = np.inf  # every patch sees it
+    with pytest.raises(TrainingDivergedError, match=r"stage1: loss became NaN/Inf at step \d+"):
+        train.train_stage(planes, _planes(1, 1), _cfg(1).stage1, _cfg(1), masking.stage1_kernel(1),
+                          tmp_path, name="stage1")
+    assert not (tmp_path / "checkpoints" / "latest").exists() or not any(
+        (tmp_path / "checkpoints" / "latest").iterdir())
+
+
+def test_no_recompilation_after_first_epoch(tmp_path):
+    compiles = []
+    epochs_seen = []
+
+    def listener(event, *args, **kwargs):
+        if event == "/jax/core/compile/jaxpr_trace_duration":  # a jit cache miss
+            compiles.append(len(epochs_seen))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        train.train_stage(_planes(0), _planes(1, 1), _cfg(3).stage1, _cfg(3), masking.stage1_kernel(1),
+                          tmp_path, name="stage1", progress=epochs_seen.append)
+    finally:
+        jax.monitoring.clear_event_listeners()
+    assert len(epochs_seen) == 3
+    # Everything is traced during the first epoch (and the final restore); nothing during epochs 2-3.
+    assert compiles and not [c for c in compiles if c in (1, 2)], compiles
+
+
+def test_early_stopping_and_plateau(tmp_path):
+    cfg = _cfg(12, learning_rate=1e-6)
+    cfg.early_stopping_patience, cfg.lr_plateau_patience = 2, 1
+    cfg.early_stopping_min_delta = 0.5  # nothing counts as an improvement after epoch 1
+    result = train.train_stage(_planes(0), _planes(1, 1), cfg.stage1, cfg, masking.stage1_kernel(1),
+                               tmp_path, name="stage1")
+    assert result.stopped_early and result.epochs_run == 3
+    lrs = [h["learning_rate"] for h in result.history]
+    assert lrs[0] == pytest.approx(1e-6) and lrs[-1] < lrs[0]
+    assert (tmp_path / "checkpoints" / "best").exists()
+
+
+def test_train_step_learns_and_uses_fresh_masks():
+    cfg = _cfg()
+    spec = train.StageSpec.from_config("stage1", cfg.stage1, masking.stage1_kernel(1))
+    bank = jax.device_put(data.make_bank(_planes(), 32))
+    k1, k2 = jax.random.key(0), jax.random.key(1)
+    _, _, m1 = train.make_batch(k1, bank, spec, augment=True)
+    _, _, m2 = train.make_batch(k2, bank, spec, augment=True)
+    m1 = np.asarray(m1)
+    assert not np.array_equal(m1, np.asarray(m2))
+    assert not all(np.array_equal(m1[0], m1[i]) for i in range(1, m1.shape[0]))  # per patch
+    state = train.init_state(spec, 0, 1e-3)
+    fn = train.make_train_fn(spec, models.make_apply_fn(8, 2))
+    losses = []
+    for _ in range(6):
+        state, loss = fn(state, bank, jax.random.key(0))
+        losses.append(np.asarray(loss))
+    losses = np.concatenate(losses)
+    assert np.all(np.isfinite(losses)) and int(state.step) == 12
+    assert losses[-4:].mean() < losses[:2].mean()
+    assert jnp.asarray(state.learning_rate).dtype == jnp.float32
