@@ -326,6 +326,7 @@ DESCRIPTIONS = {
     "z_threshold": "significance method: z-score floor",
     "min_correlation": "significance method: minimum correlation coefficient",
     "num_patches": "patches whose autocorrelation is averaged",
+    "num_pixels": "significance method: pixel count behind the z-score (0 = from the patches)",
     "use_background": "draw those patches from background regions",
 }
 

@@ -104,3 +104,11 @@ def test_json_round_trip():
 def test_missing_config_file(tmp_path):
     with pytest.raises(UserInputError, match="nope.py"):
         config_lib.load_config(str(tmp_path / "nope.py"))
+
+
+def test_readme_documents_every_key():
+    readme = (ROOT / "README.md").read_text()
+    for line in config_lib.config_table().splitlines()[2:]:
+        key = line.split("`")[1]
+        assert f"`{key}`" in readme, f"README config table lacks {key}"
+        assert not line.rstrip().endswith("|  |"), f"no description for {key}"
