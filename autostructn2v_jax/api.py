@@ -78,3 +78,35 @@ def extract_mask(planes, config=None, *, seed: int = 0):
     normed = [data.normalize(np.asarray(p, np.float32))[0] for p in planes]
     patches = pipeline._structure_patches(normed, ext, seed)
     return structure.find_structural_mask(patches, ext)
+
+
+def history(run_dir: str | os.PathLike) -> dict:
+    """Per-stage training records from `metrics.jsonl` ({stage: [record per epoch]})."""
+    import json
+    import pathlib
+
+    out = {}
+    for stage in ("stage1", "stage2"):
+        path = pathlib.Path(run_dir) / stage / "metrics.jsonl"
+        if path.exists():
+            out[stage] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return out
+
+
+def tiled_mask(mask: np.ndarray, patch_size: int = 96, mask_percentage: float = 10.0,
+               seed: int = 0) -> np.ndarray:
+    """One random tiling of `mask` over a patch, as drawn for every patch during training."""
+    import jax
+
+    from autostructn2v_jax import masking
+
+    input_mask, _ = masking.tile_mask(jax.random.key(seed), np.asarray(mask, bool),
+                                      (patch_size, patch_size), mask_percentage)
+    return np.asarray(input_mask)
+
+
+def report(run_dir: str | os.PathLike, clean_dir: str | None = None):
+    """Write `run_dir/report/report.html` (images embedded) and return its path."""
+    from autostructn2v_jax import report as report_lib
+
+    return report_lib.write_report(run_dir, clean_dir=clean_dir)

@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a run (stage 1, stage 2 or both) and denoise its input",
                        description="Train on a folder of noisy TIFFs. Override any config key with "
                                    "--config.KEY=VALUE, e.g. --config.input_dir=DIR --config.output_dir=RUN.")
-    p.add_argument("--config", default="configs/default.py", help="config file (PATH[:ARG]) with get_config()")
+    p.add_argument("--config", default=None,
+                   help="config file (PATH[:ARG]) with get_config(); default: the built-in full "
+                        "pipeline (configs/default.py)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
     p = sub.add_parser("predict", help="denoise TIFFs with a trained run")
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract-mask", help="find the structural mask of a folder of noisy TIFFs")
     p.add_argument("--input", required=True, help="folder of noisy TIFFs")
     p.add_argument("--output", required=True, help="where to write the mask (.npy)")
-    p.add_argument("--config", default="configs/default.py", help="config file; uses stage2.extractor")
+    p.add_argument("--config", default=None,
+                   help="config file; uses stage2.extractor (default: the built-in defaults)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing mask file")
 
     p = sub.add_parser("demo-data", help="write a small synthetic noisy/clean TIFF dataset")
@@ -114,11 +117,18 @@ class _Progress:
             bar.close()
 
 
+def _load_config(spec: str | None):
+    """`--config` file, or the built-in defaults (= configs/default.py) from any working directory."""
+    from autostructn2v_jax import config as config_lib
+
+    return config_lib.load_config(spec) if spec else config_lib.base_config()
+
+
 def _cmd_train(args, overrides) -> int:
     from autostructn2v_jax import config as config_lib
     from autostructn2v_jax import pipeline
 
-    cfg = config_lib.load_config(args.config)
+    cfg = _load_config(args.config)
     config_lib.apply_overrides(cfg, overrides)
     if args.print_config:
         print(config_lib.to_json(cfg))
@@ -155,14 +165,17 @@ def _cmd_extract_mask(args, overrides) -> int:
     from autostructn2v_jax.errors import UserInputError
 
     out = pathlib.Path(args.output)
+    if out.is_dir():
+        raise UserInputError(f"{out}: is a folder; --output needs a .npy file path")
     if out.exists() and not args.overwrite:
         raise UserInputError(f"{out}: exists; pass --overwrite to replace it")
-    cfg = config_lib.load_config(args.config)
+    cfg = _load_config(args.config)
     config_lib.apply_overrides(cfg, overrides)
     structure.validate_extractor_config(cfg.stage2.extractor, prefix="stage2.extractor")
     ds = pipeline.load_dataset(args.input, cfg.axes)
     patches = pipeline._structure_patches(ds.flat(), cfg.stage2.extractor, int(cfg.random_seed))
     mask, _ = structure.find_structural_mask(patches, cfg.stage2.extractor)
+    out.parent.mkdir(parents=True, exist_ok=True)
     structure.save_mask(out, mask)
     print(f"{out}: {structure.mask_summary(mask)}")
     return 0
@@ -170,7 +183,12 @@ def _cmd_extract_mask(args, overrides) -> int:
 
 def _cmd_demo_data(args) -> int:
     from autostructn2v_jax import synth
+    from autostructn2v_jax.errors import UserInputError
 
+    if args.count < 1:
+        raise UserInputError(f"--count must be >= 1, got {args.count}")
+    if args.size < 16:
+        raise UserInputError(f"--size must be >= 16, got {args.size}")
     out = synth.write_demo_data(args.output, count=args.count, size=args.size, case=args.noise, seed=args.seed)
     print(f"wrote {args.count} noisy/clean pairs ({args.noise} noise) to {out}")
     return 0

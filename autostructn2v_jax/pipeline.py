@@ -128,19 +128,33 @@ def _structure_patches(planes: list[np.ndarray], ext_cfg, seed: int) -> np.ndarr
         key, jax.device_put(bank), size, int(ext_cfg.num_patches)))
 
 
-def find_mask(cfg, ds: Dataset, train_planes_for_acf: list[np.ndarray], run_dir: pathlib.Path):
-    """The stage-2 kernel from the configured source; writes `mask/`."""
+def check_kernel_fits(kernel: np.ndarray, patch_size: int, source: str) -> None:
+    """A structural kernel must fit (with its one-pixel gap) into a stage-2 training patch."""
+    try:
+        masking.mask_capacity(np.asarray(kernel, bool), (patch_size, patch_size))
+    except ValueError as err:
+        raise UserInputError(f"{source}: mask of shape {np.shape(kernel)} does not fit a "
+                             f"stage2.patch_size={patch_size} patch ({err})") from None
+
+
+def find_mask(cfg, ds: Dataset, train_planes_for_acf: list[np.ndarray], run_dir: pathlib.Path,
+              mask_file: np.ndarray | None = None):
+    """The stage-2 kernel from the configured source; writes `mask/`.
+
+    `mask_file`: the already loaded and validated mask for `mask_source="file"` (loaded before the
+    run folder is written, so a bad mask file leaves nothing behind)."""
     s2 = cfg.stage2
     mask_dir = run_dir / "mask"
     mask_dir.mkdir(parents=True, exist_ok=True)
     info: dict = {"source": s2.mask_source}
     if s2.mask_source == "file":
-        mask = structure.load_mask_file(s2.mask_file_path)
+        mask = mask_file if mask_file is not None else structure.load_mask_file(s2.mask_file_path)
     else:
         patches = _structure_patches(train_planes_for_acf, s2.extractor, int(cfg.random_seed))
         mask, extracted = structure.find_structural_mask(patches, s2.extractor)
+        check_kernel_fits(mask, int(s2.patch_size), "config stage2.extractor.center_size")
         info.update(extracted)
-        acf = np.asarray(extracted.get("cropped_autocorr", extracted.get("autocorr_crop", [])))
+        acf = np.asarray(extracted["acf_crop"], np.float32)
         tmp = mask_dir / "autocorrelation.npy.part"
         with open(tmp, "wb") as fh:
             np.save(fh, acf)
@@ -176,6 +190,8 @@ def _jsonable(obj):
 def prepare_run_dir(cfg) -> pathlib.Path:
     """Create the run folder; refuse a folder holding a different run unless `overwrite`."""
     run_dir = pathlib.Path(cfg.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserInputError(f"{run_dir}: output_dir exists and is not a folder")
     cfg_path = run_dir / "config.json"
     text = config_lib.to_json(cfg)
     if cfg_path.exists():
@@ -193,12 +209,14 @@ def prepare_run_dir(cfg) -> pathlib.Path:
     return run_dir
 
 
-def _psnr_table(cfg, ds: Dataset, outputs: dict[str, list[list[np.ndarray]]]) -> dict | None:
+def load_clean_references(cfg, ds: Dataset) -> list[np.ndarray] | None:
+    """The clean reference of every input image (same order), checked for names and shapes; None
+    without `clean_dir`. Called before training, so a bad clean folder fails before any work."""
     if not cfg.clean_dir:
         return None
     clean = load_dataset(cfg.clean_dir, cfg.axes)
     by_name = {p.name: planes for p, planes in zip(clean.paths, clean.raw)}
-    table: dict[str, dict[str, float]] = {}
+    refs = []
     for i, path in enumerate(ds.paths):
         if path.name not in by_name:
             raise UserInputError(f"{pathlib.Path(cfg.clean_dir) / path.name}: no clean reference for {path}")
@@ -206,6 +224,17 @@ def _psnr_table(cfg, ds: Dataset, outputs: dict[str, list[list[np.ndarray]]]) ->
         if ref.shape != ds.raw[i].shape:
             raise UserInputError(f"{pathlib.Path(cfg.clean_dir) / path.name}: shape {ref.shape} "
                                  f"does not match the noisy image {ds.raw[i].shape}")
+        refs.append(ref)
+    return refs
+
+
+def _psnr_table(cfg, ds: Dataset, outputs: dict[str, list[list[np.ndarray]]],
+                refs: list[np.ndarray] | None) -> dict | None:
+    if refs is None:
+        return None
+    table: dict[str, dict[str, float]] = {}
+    for i, path in enumerate(ds.paths):
+        ref = refs[i]
         row = {"noisy": synth.psnr(ref, ds.raw[i].astype(np.float32))}
         for stage, outs in outputs.items():
             restored = np.stack([data.denormalize(o, s) for o, s in zip(outs[i], ds.stats[i])])
@@ -222,6 +251,12 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
     for name, run in (("stage1", cfg.run_stage1), ("stage2", cfg.run_stage2)):
         if run:
             data.check_min_size(ds.raw, ds.paths, int(cfg[name].patch_size), f"{name}.patch_size")
+    # Everything else that can fail on user input is loaded before the run folder is touched.
+    mask_file = None
+    if cfg.run_stage2 and cfg.stage2.mask_source == "file":
+        mask_file = structure.load_mask_file(cfg.stage2.mask_file_path)
+        check_kernel_fits(mask_file, int(cfg.stage2.patch_size), f"mask file {cfg.stage2.mask_file_path}")
+    clean_refs = load_clean_references(cfg, ds)
     run_dir = prepare_run_dir(cfg)
     write_text_atomic(run_dir / "normalization.json", json.dumps(
         {p.name: s for p, s in zip(ds.paths, ds.stats)}, indent=2, default=float))
@@ -254,7 +289,7 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
             acf_planes = flat_out
         else:
             acf_planes = ds.flat()
-        kernel, info = find_mask(cfg, ds, acf_planes, run_dir)
+        kernel, info = find_mask(cfg, ds, acf_planes, run_dir, mask_file)
         result = train.train_stage(train_p, val_p, s2, cfg, kernel, run_dir / "stage2", name="stage2",
                                    progress=(lambda r: progress("stage2", r)) if progress else None)
         _stage_model_json(run_dir / "stage2", s2, kernel, "stage2")
@@ -266,7 +301,7 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
         summary["outputs"]["stage2"] = str(run_dir / "stage2" / "denoised")
 
     summary["final"] = "stage2" if cfg.run_stage2 else "stage1"
-    summary["psnr"] = _psnr_table(cfg, ds, outputs)
+    summary["psnr"] = _psnr_table(cfg, ds, outputs, clean_refs)
     write_text_atomic(run_dir / "summary.json", json.dumps(_jsonable(summary), indent=2))
     return summary
 
@@ -306,15 +341,18 @@ def predict_files(run_dir, input_path, output_dir, *, overwrite: bool = False, a
     input_path = pathlib.Path(input_path)
     paths = [input_path] if input_path.is_file() else data.list_tiffs(input_path)
     out_dir = pathlib.Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserInputError(f"{out_dir}: output exists and is not a folder")
     dtype = None if output_dtype == "input" else "float32"
     written = []
     for path in paths:
         target = out_dir / path.name
         if target.exists() and not overwrite:
             raise UserInputError(f"{target}: exists; pass --overwrite to replace it")
-    for path in paths:
-        planes, meta = data.read_image(path, axes or None)
+    # Read (and so validate) every input before writing anything: a bad file leaves no partial output.
+    images = [data.read_image(path, axes or None) for path in paths]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path, (planes, meta) in zip(paths, images):
         outs = []
         for plane in planes:
             normed, stats = data.normalize(plane)

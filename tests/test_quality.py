@@ -1,0 +1,116 @@
+"""Denoising quality on synthetic data with known ground truth (measured PSNR margins).
+
+Each test trains small networks (features 8, patch 32, batch 8) for a few epochs on four 128 x 128
+synthetic images and compares PSNR (dB) against the clean references.  The thresholds are set well
+below what was measured on 2 CPU cores (numbers next to each threshold, seeds 0-2), so they catch
+a method that stopped working, not run-to-run noise.  Runs are deterministic for a given seed.
+Measured: 43 s with a warm compile cache, 96 s with an empty one (2 shared CPU cores).
+
+    pytest -m slow tests/test_quality.py -s     # -s prints the reached PSNR values
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+
+from autostructn2v_jax import config, pipeline, structure, synth
+
+pytestmark = pytest.mark.slow
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SEED = 0
+
+# Stage 1 on white Gaussian noise (sigma 0.1): measured +11.0 / +11.5 / +11.7 dB (seeds 0 / 1 / 2).
+STAGE1_MIN_GAIN_DB = 6.0
+# Stage 2 over stage 1 on x-correlated noise: measured +4.2 / +5.4 / +4.9 dB (seeds 0 / 1 / 2).
+STAGE2_MIN_GAIN_DB = 2.0
+# Augmentation on vs off (same mask file, data, steps): measured aug - no-aug = +0.66 / +0.75 /
+# +0.27 dB (seeds 0 / 1 / 2).
+# Flips/rotations turn the kernel with the patch, so augmentation must not hurt; 0.3 dB allows
+# for the difference in the random streams of two short runs.
+AUG_TOLERANCE_DB = 0.3
+
+
+def small_config(data_dir: pathlib.Path, run_dir: pathlib.Path, *, seed: int = SEED,
+                 epochs: int = 5):
+    """demo.py shrunk to ~1 s per epoch on 2 CPU cores (compilation dominates the runtime)."""
+    cfg = config.load_config(str(REPO / "configs" / "demo.py"))
+    cfg.input_dir = str(data_dir / "noisy")
+    cfg.clean_dir = str(data_dir / "clean")
+    cfg.output_dir = str(run_dir)
+    cfg.random_seed = seed
+    cfg.num_epochs = epochs
+    cfg.early_stopping_patience = epochs  # the budget, not early stopping, ends these runs
+    for stage in (cfg.stage1, cfg.stage2):
+        stage.patch_size = 32
+        stage.batch_size = 8
+        stage.features = 8
+        stage.learning_rate = 1e-3
+        stage.patches_per_image = 160  # 4 images: 2 train planes -> 40 steps per epoch
+        stage.num_val_patches = 32
+        stage.use_augmentation = True
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def hcorr_data(tmp_path_factory) -> pathlib.Path:
+    """Four 128 x 128 images with noise correlated along x (box of 5, std 0.08) + white std 0.04."""
+    return synth.write_demo_data(tmp_path_factory.mktemp("hcorr"), count=4, size=128, case="hcorr",
+                                 seed=SEED)
+
+
+def horizontal_line_mask(length: int = 9) -> np.ndarray:
+    # 9 = the support of the x-correlation of a length-5 box (lags -4..4), what the extractor finds.
+    return np.ones((1, length), bool)
+
+
+def test_stage1_improves_psnr_on_white_noise(tmp_path):
+    data_dir = synth.write_demo_data(tmp_path / "data", count=4, size=128, case="white", seed=SEED)
+    cfg = small_config(data_dir, tmp_path / "run")
+    cfg.run_stage2 = False
+    psnr = pipeline.run_pipeline(cfg)["psnr"]["mean"]
+    gain = psnr["stage1"] - psnr["noisy"]
+    print(f"\nstage 1, white noise: noisy {psnr['noisy']:.2f} dB, stage 1 {psnr['stage1']:.2f} dB "
+          f"(+{gain:.2f} dB; threshold +{STAGE1_MIN_GAIN_DB} dB)")
+    assert gain >= STAGE1_MIN_GAIN_DB, psnr
+
+
+def test_stage2_beats_stage1_on_x_correlated_noise(hcorr_data, tmp_path):
+    cfg = small_config(hcorr_data, tmp_path / "run")
+    # The raw images' autocorrelation finds the x-structure reliably (see the mask-source study);
+    # passed explicitly so the test does not depend on the default source.
+    cfg.stage2.mask_source = "extractor"
+    summary = pipeline.run_pipeline(cfg)
+    psnr = summary["psnr"]["mean"]
+    mask = np.load(tmp_path / "run" / "mask" / "structural_mask.npy")
+    c = mask.shape[0] // 2
+    gain = psnr["stage2"] - psnr["stage1"]
+    print(f"\nx-correlated noise: noisy {psnr['noisy']:.2f} dB, stage 1 {psnr['stage1']:.2f} dB, "
+          f"stage 2 {psnr['stage2']:.2f} dB (+{gain:.2f} dB over stage 1; threshold "
+          f"+{STAGE2_MIN_GAIN_DB} dB); mask: {structure.mask_summary(mask)}")
+    # The mask is a horizontal segment through the centre, at least 3 pixels long.
+    assert mask[c].sum() >= 3 and mask.sum() == mask[c].sum(), structure.mask_summary(mask)
+    assert psnr["stage1"] > psnr["noisy"], psnr
+    assert gain >= STAGE2_MIN_GAIN_DB, psnr
+
+
+def test_augmentation_does_not_hurt_structured_noise(hcorr_data, tmp_path):
+    mask_path = tmp_path / "hline.npy"
+    structure.save_mask(mask_path, horizontal_line_mask())
+    reached = {}
+    for aug in (True, False):
+        cfg = small_config(hcorr_data, tmp_path / f"run_aug{int(aug)}")
+        cfg.run_stage1 = False  # mode 3: stage 2 with a mask file, isolates augmentation
+        cfg.stage2.mask_source = "file"
+        cfg.stage2.mask_file_path = str(mask_path)
+        cfg.stage2.use_augmentation = aug
+        reached[aug] = pipeline.run_pipeline(cfg)["psnr"]["mean"]
+    on, off = reached[True]["stage2"], reached[False]["stage2"]
+    print(f"\nmode 3, horizontal mask: noisy {reached[True]['noisy']:.2f} dB, augmentation on "
+          f"{on:.2f} dB, off {off:.2f} dB (difference {on - off:+.2f} dB; tolerance "
+          f"-{AUG_TOLERANCE_DB} dB)")
+    assert off > reached[False]["noisy"] + 3.0, reached  # both runs actually denoise
+    assert on >= off - AUG_TOLERANCE_DB, reached
