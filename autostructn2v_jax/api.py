@@ -107,6 +107,8 @@ def tiled_mask(mask: np.ndarray, patch_size: int = 96, mask_percentage: float = 
 
 def report(run_dir: str | os.PathLike, clean_dir: str | None = None):
     """Write `run_dir/report/report.html` (images embedded) and return its path."""
-    from autostructn2v_jax import report as report_lib
+    import importlib
 
+    # The package exports this function as `report`, shadowing the module's attribute name.
+    report_lib = importlib.import_module("autostructn2v_jax.report")
     return report_lib.write_report(run_dir, clean_dir=clean_dir)

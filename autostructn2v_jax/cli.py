@@ -1,4 +1,4 @@
-"""Command line: `autostructn2v {train,predict,extract-mask,demo-data}`.
+"""Command line: `autostructn2v {train,predict,extract-mask,report,demo-data}`.
 
 Config overrides use the ml_collections flag syntax: `--config.stage1.patch_size=64`.
 Every user error is printed as one line (`autostructn2v: error: ...`) with exit status 2.
@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None,
                    help="config file; uses stage2.extractor (default: the built-in defaults)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing mask file")
+
+    p = sub.add_parser("report", help="write RUN/report/report.html for a run folder")
+    p.add_argument("--run", required=True, help="run folder written by `train`")
+    p.add_argument("--clean", default=None, help="folder of clean references (same file names): PSNR")
 
     p = sub.add_parser("demo-data", help="write a small synthetic noisy/clean TIFF dataset")
     p.add_argument("output", help="folder to create (noisy/ and clean/ inside)")
@@ -181,6 +185,14 @@ def _cmd_extract_mask(args, overrides) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    import importlib
+
+    path = importlib.import_module("autostructn2v_jax.report").write_report(args.run, clean_dir=args.clean)
+    print(f"wrote {path}")
+    return 0
+
+
 def _cmd_demo_data(args) -> int:
     from autostructn2v_jax import synth
     from autostructn2v_jax.errors import UserInputError
@@ -215,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_predict(args)
         if args.command == "extract-mask":
             return _cmd_extract_mask(args, overrides)
+        if args.command == "report":
+            return _cmd_report(args)
         return _cmd_demo_data(args)
     except (UserInputError, TrainingDivergedError) as err:
         print(f"autostructn2v: error: {err}", file=sys.stderr)

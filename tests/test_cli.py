@@ -142,6 +142,20 @@ def test_mode1_full_pipeline(full_run, data_dir):
     # the denoised images are not just copies of the input
     src = read_tiff(_tiffs(data_dir)[0])
     assert not np.array_equal(read_tiff(run / "stage1" / "denoised" / _tiffs(data_dir)[0].name), src)
+    acf = np.load(run / "mask" / "autocorrelation.npy")
+    assert acf.ndim == 2 and acf.shape[0] % 2 == 1 and np.isfinite(acf).all()
+    # every run ends with a self-contained report
+    html = (run / "report" / "report.html").read_text()
+    assert "data:image/png;base64," in html and "stage2" in html
+
+
+def test_report_command(full_run, capsys):
+    run, _, _ = full_run
+    (run / "report" / "report.html").unlink()
+    rc, out, err = run_main(["report", "--run", str(run)], capsys)
+    assert rc == 0 and (run / "report" / "report.html").is_file(), err
+    rc, out, err = run_main(["report", "--run", str(run / "nope")], capsys)
+    _assert_user_error(rc, err, str(run / "nope"))
 
 
 def test_mode2_stage1_only_subprocess(work, data_dir):
@@ -344,7 +358,7 @@ def test_extract_mask(data_dir, tmp_path, capsys):
 def test_demo_data_and_help_subprocess(tmp_path):
     proc = run_subprocess(["--help"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 0
-    for cmd in ("train", "predict", "extract-mask", "demo-data"):
+    for cmd in ("train", "predict", "extract-mask", "report", "demo-data"):
         assert cmd in proc.stdout
 
     proc = run_subprocess(["demo-data", "demo", "--count", "2", "--size", "64", "--noise", "white"],
