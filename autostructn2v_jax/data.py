@@ -393,28 +393,8 @@ def write_image(path: str | os.PathLike, planes: np.ndarray, meta: dict,
     if data.size != math.prod(out_shape):
         raise ValueError(f"{path}: planes of shape {data.shape} do not fit the image shape "
                          f"{out_shape}")
-    data = data.reshape(out_shape)
-    if np.issubdtype(out_dtype, np.integer):
-        info = np.iinfo(out_dtype)
-        data = np.clip(np.rint(data.astype(np.float64)), info.min, info.max).astype(out_dtype)
-    else:
-        info = np.finfo(out_dtype)
-        data = np.clip(data, info.min, info.max).astype(out_dtype)
-
-    res = meta.get("resolution")
-    kwargs: dict[str, Any] = {}
-    ij_axes = _imagej_axes(out_axes) if out_dtype.name in _IMAGEJ_DTYPES else None
-    if ij_axes is not None:
-        md: dict[str, Any] = {"axes": ij_axes}
-        md.update(meta.get("imagej_metadata") or {})
-        kwargs.update(imagej=True, metadata=md)
-        if res:
-            kwargs["resolution"] = (res["x"], res["y"])
-    else:
-        kwargs.update(metadata={"axes": out_axes}, photometric="minisblack")
-        if res:
-            kwargs["resolution"] = (res["x"], res["y"])
-            kwargs["resolutionunit"] = int(res.get("unit", 1))
+    data = to_output_dtype(data.reshape(out_shape), out_dtype)
+    kwargs = tiff_write_kwargs(meta, out_dtype, out_axes)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -431,6 +411,36 @@ def write_image(path: str | os.PathLike, planes: np.ndarray, meta: dict,
             raise UserInputError(f"{path}: cannot write TIFF ({_one_line(exc)})") from exc
         raise
     return path
+
+
+def to_output_dtype(data: np.ndarray, out_dtype) -> np.ndarray:
+    """Round and clip to an integer dtype's range (only here), or cast floats."""
+    out_dtype = np.dtype(out_dtype)
+    if np.issubdtype(out_dtype, np.integer):
+        info = np.iinfo(out_dtype)
+        return np.clip(np.rint(np.asarray(data, np.float64)), info.min, info.max).astype(out_dtype)
+    info = np.finfo(out_dtype)
+    return np.clip(data, info.min, info.max).astype(out_dtype)
+
+
+def tiff_write_kwargs(meta: dict, out_dtype, out_axes: str) -> dict[str, Any]:
+    """tifffile keyword arguments that keep the input's axes and resolution metadata."""
+    out_dtype = np.dtype(out_dtype)
+    res = meta.get("resolution")
+    kwargs: dict[str, Any] = {}
+    ij_axes = _imagej_axes(out_axes) if out_dtype.name in _IMAGEJ_DTYPES else None
+    if ij_axes is not None:
+        md: dict[str, Any] = {"axes": ij_axes}
+        md.update(meta.get("imagej_metadata") or {})
+        kwargs.update(imagej=True, metadata=md)
+        if res:
+            kwargs["resolution"] = (res["x"], res["y"])
+    else:
+        kwargs.update(metadata={"axes": out_axes}, photometric="minisblack")
+        if res:
+            kwargs["resolution"] = (res["x"], res["y"])
+            kwargs["resolutionunit"] = int(res.get("unit", 1))
+    return kwargs
 
 
 # --------------------------------------------------------------------------------------------
