@@ -81,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
         patches_per_image=200,
         use_roi=False,
         select_background=False,
-        mask_source="stage1",
+        mask_source="extractor",
         mask_file_path="",
     )
     cfg.stage2.extractor = extractor_config()
@@ -309,7 +309,7 @@ DESCRIPTIONS = {
     "use_augmentation": "random flips and 90-degree rotations (masks turn with the patch)",
     "steps_per_dispatch": "train steps per compiled call (lax.scan)",
     "predict_tile_size": "tile side for whole-image prediction (halo added on top)",
-    "mask_source": "stage1 (autocorrelation of stage-1 output), stage1_residual (noisy - stage 1), file, extractor (raw images)",
+    "mask_source": "extractor (autocorrelation of the raw images; the default), stage1 (autocorrelation of stage-1 output), stage1_residual (noisy - stage 1), file",
     "mask_file_path": "a .npy structural mask (2D, odd sides, centre True) for mask_source=file",
     "method": "ring (ring-by-ring thresholds) or significance (lags significantly above white noise)",
     "center_size": "side of the autocorrelation crop and the largest mask (odd)",
@@ -328,6 +328,7 @@ DESCRIPTIONS = {
     "num_patches": "patches whose autocorrelation is averaged",
     "num_pixels": "significance method: pixel count behind the z-score (0 = from the patches)",
     "use_background": "draw those patches from background regions",
+    "highpass_sigma": "subtract a Gaussian blur of this sigma (pixels) from the images before the autocorrelation, so the image's own smooth correlation is not taken for noise structure (0 = off)",
 }
 
 

@@ -1,6 +1,7 @@
 """The four execution modes, composed from data, structure, train and predict.
 
-1. full pipeline (`run_stage1`, `run_stage2`, `stage2.mask_source` in stage1 / stage1_residual)
+1. full pipeline (`run_stage1`, `run_stage2`; the mask from the raw images by default, or from the
+   stage-1 output with `stage2.mask_source` = stage1 / stage1_residual)
 2. stage 1 only (`run_stage2=False`)
 3. stage 2 with a mask file (`run_stage1=False`, `mask_source="file"`)
 4. stage 2 with a mask extracted from the raw images (`run_stage1=False`, `mask_source="extractor"`)
@@ -12,6 +13,7 @@ Run folder (`output_dir`): `config.json`, `normalization.json`, `stage1/` and `s
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -23,7 +25,7 @@ import jax
 import numpy as np
 
 from autostructn2v_jax import config as config_lib
-from autostructn2v_jax import data, masking, models, predict, structure, synth, train
+from autostructn2v_jax import data, masking, models, predict, stream, structure, synth, train
 from autostructn2v_jax.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -119,13 +121,52 @@ def _stage_model_json(stage_dir: pathlib.Path, stage_cfg, kernel: np.ndarray, na
     ), indent=2))
 
 
-def _structure_patches(planes: list[np.ndarray], ext_cfg, seed: int) -> np.ndarray:
-    """Patches for the autocorrelation: never augmented (rotations would wash the correlation out)."""
+def _structure_bank(planes: list[np.ndarray], ext_cfg) -> tuple[data.ImageBank, int]:
+    """The bank the autocorrelation patches are drawn from, and their side.
+
+    The background regions (`use_background`) are chosen on the planes as given; the images in
+    the bank are then the planes high-passed by `structure.highpass(plane, highpass_sigma)` (0: as
+    given), so the image's own smooth correlation does not enter the ACF."""
     size = min(int(ext_cfg.patch_size), *(min(p.shape) for p in planes))
     bank = data.make_bank(planes, size, bool(ext_cfg.use_background), 0.5, 0.25, True)
+    sigma = float(ext_cfg.get("highpass_sigma", 0.0))
+    if sigma > 0:
+        images = np.zeros_like(bank.images)
+        for i, p in enumerate(planes):
+            images[i, : p.shape[0], : p.shape[1]] = structure.highpass(p, sigma)
+        bank = bank._replace(images=images)
+    return bank, size
+
+
+def _structure_patches(planes: list[np.ndarray], ext_cfg, seed: int) -> np.ndarray:
+    """Patches for the autocorrelation (see `_structure_bank`): never augmented (rotations would
+    wash the correlation out)."""
+    bank, size = _structure_bank(planes, ext_cfg)
     key = jax.random.fold_in(jax.random.key(seed), 0xAC)
     return np.asarray(jax.jit(data.sample_patches, static_argnums=(2, 3))(
         key, jax.device_put(bank), size, int(ext_cfg.num_patches)))
+
+
+def _structure_pixel_count(planes: list[np.ndarray], ext_cfg) -> int:
+    """Distinct pixels the autocorrelation patches can cover: the union of the patch positions
+    that can be drawn (all of a plane without `use_background`).  The independent-sample count of
+    the significance test -- the patches overlap heavily, so `num_patches * patch_size**2` would
+    overstate it."""
+    size = min(int(ext_cfg.patch_size), *(min(p.shape) for p in planes))
+    bank = data.make_bank(planes, size, bool(ext_cfg.use_background), 0.5, 0.25, True)
+    covered = 0
+    for i, (h, w) in enumerate(np.asarray(bank.shapes)):
+        rows = bank.corners[bank.corners[:, 0] == i]
+        if len(rows) == 0:
+            continue
+        if np.any(rows[:, 1] < 0):  # uniform corners: the whole plane
+            covered += int(h) * int(w)
+            continue
+        foot = np.zeros((int(h), int(w)), bool)
+        for _, y, x in rows:
+            foot[y:y + size, x:x + size] = True
+        covered += int(foot.sum())
+    return covered
 
 
 def check_kernel_fits(kernel: np.ndarray, patch_size: int, source: str) -> None:
@@ -150,10 +191,18 @@ def find_mask(cfg, ds: Dataset, train_planes_for_acf: list[np.ndarray], run_dir:
     if s2.mask_source == "file":
         mask = mask_file if mask_file is not None else structure.load_mask_file(s2.mask_file_path)
     else:
-        patches = _structure_patches(train_planes_for_acf, s2.extractor, int(cfg.random_seed))
-        mask, extracted = structure.find_structural_mask(patches, s2.extractor)
+        ext = s2.extractor
+        patches = _structure_patches(train_planes_for_acf, ext, int(cfg.random_seed))
+        num_pixels = None  # significance test: distinct pixels, not overlapping patch pixels
+        if ext.method == "significance" and int(ext.num_pixels) == 0:
+            half = int(ext.center_size) // 2
+            n, h, w = patches.shape
+            covered = _structure_pixel_count(train_planes_for_acf, ext)
+            num_pixels = max(1, min(n * max(h - half, 1) * max(w - half, 1), covered))
+        mask, extracted = structure.find_structural_mask(patches, ext, num_pixels=num_pixels)
         check_kernel_fits(mask, int(s2.patch_size), "config stage2.extractor.center_size")
         info.update(extracted)
+        info["highpass_sigma"] = float(ext.highpass_sigma)
         acf = np.asarray(extracted["acf_crop"], np.float32)
         tmp = mask_dir / "autocorrelation.npy.part"
         with open(tmp, "wb") as fh:
@@ -303,6 +352,10 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
     summary["final"] = "stage2" if cfg.run_stage2 else "stage1"
     summary["psnr"] = _psnr_table(cfg, ds, outputs, clean_refs)
     write_text_atomic(run_dir / "summary.json", json.dumps(_jsonable(summary), indent=2))
+    try:
+        summary["report"] = str(importlib.import_module("autostructn2v_jax.report").write_report(run_dir))
+    except Exception as err:  # the report is a convenience: never lose a finished run over it
+        log.warning("could not write the run report: %s", err)
     return summary
 
 
@@ -349,10 +402,20 @@ def predict_files(run_dir, input_path, output_dir, *, overwrite: bool = False, a
         target = out_dir / path.name
         if target.exists() and not overwrite:
             raise UserInputError(f"{target}: exists; pass --overwrite to replace it")
-    # Read (and so validate) every input before writing anything: a bad file leaves no partial output.
-    images = [data.read_image(path, axes or None) for path in paths]
+    # Large grey files stream strip by strip (memory bounded by a strip, not the image).
+    large = {path for path in paths if not axes and stream.is_large(path)}
+    # Read (and so validate) every other input before writing anything: a bad file leaves no
+    # partial output.
+    images = {path: data.read_image(path, axes or None) for path in paths if path not in large}
     out_dir.mkdir(parents=True, exist_ok=True)
-    for path, (planes, meta) in zip(paths, images):
+    for path in paths:
+        if path in large:
+            stream.denoise_tiff(model.variables, path, out_dir / path.name, apply_fn=model.apply_fn,
+                                num_layers=model.num_layers, tile_size=model.tile_size, dtype=dtype,
+                                overwrite=overwrite, tta=tta)
+            written.append(out_dir / path.name)
+            continue
+        planes, meta = images[path]
         outs = []
         for plane in planes:
             normed, stats = data.normalize(plane)

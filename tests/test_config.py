@@ -37,7 +37,7 @@ def test_method_defaults():
     assert (s1.learning_rate, s1.patches_per_image, s1.mask_percentage, s1.mask_center_size) == (1e-4, 100, 15.0, 1)
     assert s1.replacement_strategy == "local_mean" and s1.use_roi and s1.select_background
     assert (s2.patch_size, s2.learning_rate, s2.mask_percentage, s2.patches_per_image) == (96, 1e-5, 10.0, 200)
-    assert not s2.use_roi and not s2.select_background and s2.mask_source == "stage1"
+    assert not s2.use_roi and not s2.select_background and s2.mask_source == "extractor"
     assert (cfg.num_epochs, cfg.early_stopping_patience, cfg.random_seed) == (100, 10, 42)
     assert tuple(cfg.split_ratio) == (0.7, 0.15, 0.15)
     assert s2.extractor.center_size == 11 and s2.extractor.max_true_pixels == 25
@@ -84,7 +84,7 @@ def test_unknown_key_and_wrong_type():
 
 
 def test_mode_consistency():
-    cfg = _valid(run_stage1=False)
+    cfg = _valid(run_stage1=False, **{"stage2.mask_source": "stage1"})
     with pytest.raises(ConfigError, match="stage2.mask_source"):
         config_lib.validate_config(cfg)
     cfg = _valid(run_stage1=False, **{"stage2.mask_source": "file"})

@@ -275,7 +275,7 @@ def test_default_config_keys():
         "method", "center_size", "adapt_autocorr", "adapt_CB", "adapt_DF", "center_ratio_threshold",
         "base_percentile", "percentile_decay", "use_center_proximity", "center_proximity_threshold",
         "keep_center_component_only", "max_true_pixels", "z_threshold", "min_correlation",
-        "num_pixels", "num_patches", "patch_size", "use_background",
+        "num_pixels", "num_patches", "patch_size", "use_background", "highpass_sigma",
     }
     assert cfg.method == "ring" and cfg.center_size == 11 and cfg.max_true_pixels == 25
     S.validate_extractor_config(cfg)
@@ -304,6 +304,8 @@ def test_default_config_keys():
         ("z_threshold", -1.0),
         ("min_correlation", 1.0),
         ("num_pixels", -3),
+        ("highpass_sigma", -1.0),
+        ("highpass_sigma", float("inf")),
     ],
 )
 def test_config_errors_name_the_key(key, value):
@@ -423,3 +425,92 @@ def test_plot_mask_figure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["mask.png"]
     S.plot_mask_figure(info, mask, tiled, str(path))  # overwrite works
     assert os.path.getsize(path) > 1000
+
+
+# ----------------------------------------------------------------------------------------------
+# high-pass preprocessing: noise structure on images with a real signal (no training)
+# ----------------------------------------------------------------------------------------------
+def synth_planes(case: str, seed: int, count: int = 4, size: int = 128) -> list[np.ndarray]:
+    """Normalised noisy synthetic cell images (synth.clean_image + synth.add_noise), the data of
+    the quality tests: blurred cells and filaments on a dark background, then white / hcorr / vcorr
+    noise."""
+    from autostructn2v_jax import synth
+
+    rng = np.random.default_rng(seed)
+    planes = []
+    for _ in range(count):
+        x = synth.add_noise(rng, synth.clean_image(rng, size), case)
+        lo, hi = np.percentile(x, [1.0, 99.8])
+        planes.append(((x - lo) / (hi - lo)).astype(np.float32))
+    return planes
+
+
+def image_mask(case: str, seed: int, **overrides):
+    """The mask the pipeline finds on the raw images (find_mask's extraction path)."""
+    from autostructn2v_jax import pipeline
+
+    ext = S.validate_extractor_config({"num_patches": 500, **overrides})
+    planes = synth_planes(case, seed)
+    patches = pipeline._structure_patches(planes, ext, seed)
+    num_pixels = None
+    if ext.method == "significance":
+        n, h, w = patches.shape
+        num_pixels = min(n * (h - 5) * (w - 5), pipeline._structure_pixel_count(planes, ext))
+    return S.find_structural_mask(patches, ext, num_pixels=num_pixels)
+
+
+def test_highpass_removes_smooth_signal_keeps_noise():
+    yy, xx = np.mgrid[:64, :64].astype(np.float64)
+    ramp = 0.3 * xx + 0.1 * yy
+    out = S.highpass(ramp, 2.0)
+    assert out.dtype == np.float32 and out.shape == (64, 64)
+    assert np.abs(out[8:-8, 8:-8]).max() < 1e-3  # a linear ramp is smooth: gone inside
+    stack = np.stack([ramp, 2 * ramp])
+    np.testing.assert_allclose(S.highpass(stack, 2.0)[1], 2 * out, rtol=1e-5, atol=1e-5)  # per plane
+    np.testing.assert_array_equal(S.highpass(ramp, 0.0), ramp.astype(np.float32))
+    with pytest.raises(ValueError, match="sigma"):
+        S.highpass(ramp, -1.0)
+    # white noise stays (nearly) white: a small negative neighbour lobe, no structure
+    w = np.random.default_rng(0).standard_normal((8, 128, 128))
+    acf = np.asarray(S.autocorrelation(S.highpass(w, 2.0), log=False, unbiased=True))
+    c = acf.shape[0] // 2
+    assert -0.08 < acf[c, c + 1] < -0.03 and -0.08 < acf[c + 1, c] < -0.03
+    m, _ = S.extract_structural_mask(np.log1p(np.abs(acf)))
+    assert m.sum() == 1
+
+
+@pytest.mark.parametrize("method", ["ring", "significance"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_image_with_white_noise_gives_centre_only(method, seed):
+    mask, _ = image_mask("white", seed, method=method)
+    assert mask.sum() <= 3 and mask[5, 5], S.mask_summary(mask)
+
+
+@pytest.mark.parametrize("method", ["ring", "significance"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_image_with_correlated_noise_gives_line(method, seed):
+    mask_x, _ = image_mask("hcorr", seed, method=method)
+    assert_horizontal(mask_x)
+    mask_y, _ = image_mask("vcorr", seed, method=method)
+    assert_horizontal(mask_y.T)
+
+
+def test_image_signal_without_highpass_is_taken_for_structure():
+    # Why highpass_sigma exists: on the raw images the cells' own correlation passes the
+    # significance test at every short lag (white noise, all seeds measured).
+    mask, info = image_mask("white", 0, method="significance", highpass_sigma=0.0)
+    assert mask.sum() > 3 and info["candidates"].sum() > 3
+
+
+def test_structure_patches_pixel_count_is_distinct_pixels():
+    from autostructn2v_jax import pipeline
+
+    planes = synth_planes("white", 0, count=2)
+    for bg in (True, False):
+        ext = S.validate_extractor_config({"num_patches": 50, "use_background": bg})
+        patches = pipeline._structure_patches(planes, ext, 0)
+        covered = pipeline._structure_pixel_count(planes, ext)
+        assert patches.shape == (50, 64, 64)
+        assert 64 * 64 <= covered <= 2 * 128 * 128  # not 50 * 64 * 64 overlapping pixels
+        if not bg:
+            assert covered == 2 * 128 * 128
