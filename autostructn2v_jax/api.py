@@ -105,10 +105,8 @@ def tiled_mask(mask: np.ndarray, patch_size: int = 96, mask_percentage: float = 
     return np.asarray(input_mask)
 
 
-def report(run_dir: str | os.PathLike, clean_dir: str | None = None):
+def write_report(run_dir: str | os.PathLike, clean_dir: str | None = None):
     """Write `run_dir/report/report.html` (images embedded) and return its path."""
-    import importlib
+    from autostructn2v_jax import report
 
-    # The package exports this function as `report`, shadowing the module's attribute name.
-    report_lib = importlib.import_module("autostructn2v_jax.report")
-    return report_lib.write_report(run_dir, clean_dir=clean_dir)
+    return report.write_report(run_dir, clean_dir=clean_dir)

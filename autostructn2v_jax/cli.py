@@ -186,9 +186,9 @@ def _cmd_extract_mask(args, overrides) -> int:
 
 
 def _cmd_report(args) -> int:
-    import importlib
+    from autostructn2v_jax import report
 
-    path = importlib.import_module("autostructn2v_jax.report").write_report(args.run, clean_dir=args.clean)
+    path = report.write_report(args.run, clean_dir=args.clean)
     print(f"wrote {path}")
     return 0
 

@@ -13,7 +13,6 @@ Run folder (`output_dir`): `config.json`, `normalization.json`, `stage1/` and `s
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import os
@@ -353,7 +352,9 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
     summary["psnr"] = _psnr_table(cfg, ds, outputs, clean_refs)
     write_text_atomic(run_dir / "summary.json", json.dumps(_jsonable(summary), indent=2))
     try:
-        summary["report"] = str(importlib.import_module("autostructn2v_jax.report").write_report(run_dir))
+        from autostructn2v_jax import report
+
+        summary["report"] = str(report.write_report(run_dir))
     except Exception as err:  # the report is a convenience: never lose a finished run over it
         log.warning("could not write the run report: %s", err)
     return summary
