@@ -22,7 +22,12 @@ log = logging.getLogger(__name__)
 def initialize_distributed() -> None:
     """Join a multi-host run when the launcher set the usual environment variables."""
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("AUTOSTRUCTN2V_DISTRIBUTED"):
-        jax.distributed.initialize()
+        kwargs = {}
+        if os.environ.get("JAX_NUM_PROCESSES"):
+            kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+        if os.environ.get("JAX_PROCESS_ID"):
+            kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+        jax.distributed.initialize(**kwargs)  # the address comes from JAX_COORDINATOR_ADDRESS
         log.info("process %d of %d, %d global devices", jax.process_index(), jax.process_count(),
                  jax.device_count())
 
