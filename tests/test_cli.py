@@ -631,3 +631,21 @@ def test_constant_image_trains(tmp_path, capsys):
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, 0.5, atol=1e-3)
     assert np.all(read_tiff(run / "stage1" / "denoised" / "const_u16.tif") == 300)
+
+
+def test_run_folder_from_incompatible_version(tmp_path, capsys):
+    from autostructn2v_jax import config as config_lib
+
+    run = tmp_path / "old_run"
+    (run / "stage1").mkdir(parents=True)
+    (run / "config.json").write_text(config_lib.to_json(config_lib.base_config()))
+    (run / "stage1" / "model.json").write_text(json.dumps({"format_version": 999, "features": 8,
+                                                           "num_layers": 2, "patch_size": 32}))
+    img = tmp_path / "x.tif"
+    tifffile.imwrite(img, np.zeros((32, 32), np.float32))
+    rc, _, err = run_main(["predict", "--run", str(run), "--input", str(img), "--output", str(tmp_path / "o")], capsys)
+    _assert_user_error(rc, err, "model.json", "incompatible")
+    (run / "config.json").write_text(json.dumps({"no_such_key": 1}))
+    rc, _, err = run_main(["predict", "--run", str(run), "--input", str(img), "--output", str(tmp_path / "o")], capsys)
+    _assert_user_error(rc, err, "no_such_key")
+    assert not (tmp_path / "o").exists()
