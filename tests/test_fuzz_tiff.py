@@ -215,6 +215,17 @@ from autostructn2v_jax.errors import UserInputError
 class Hang(BaseException):
     pass
 
+def peak_rss_mb():
+    # VmHWM belongs to this process's own address space; ru_maxrss on Linux starts from the
+    # forking parent's RSS (a large pytest process), so it would blame the reader for it.
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
 def on_alarm(signum, frame):
     raise Hang()
 
@@ -245,7 +256,7 @@ for job in jobs:
         signal.setitimer(signal.ITIMER_REAL, 0)
         rec.update(outcome="other", type=type(exc).__name__, msg=str(exc)[:500],
                    tb=traceback.format_exc()[-1500:])
-    rec["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    rec["maxrss_mb"] = peak_rss_mb()
     out.write(json.dumps(rec) + "\n")
 out.write(json.dumps({{"done": True}}) + "\n")
 """
