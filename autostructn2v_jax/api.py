@@ -76,8 +76,7 @@ def extract_mask(planes, config=None, *, seed: int = 0):
     ext = config if config is not None else config_lib.base_config().stage2.extractor
     structure.validate_extractor_config(ext)
     normed = [data.normalize(np.asarray(p, np.float32))[0] for p in planes]
-    patches = pipeline._structure_patches(normed, ext, seed)
-    return structure.find_structural_mask(patches, ext)
+    return pipeline.mask_from_planes(normed, ext, seed)
 
 
 def history(run_dir: str | os.PathLike) -> dict:

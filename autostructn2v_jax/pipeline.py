@@ -168,6 +168,18 @@ def _structure_pixel_count(planes: list[np.ndarray], ext_cfg) -> int:
     return covered
 
 
+def mask_from_planes(planes: list[np.ndarray], ext_cfg, seed: int):
+    """(mask, info) of the autocorrelation of patches of normalised `planes` (`stage2.extractor`)."""
+    patches = _structure_patches(planes, ext_cfg, seed)
+    num_pixels = None  # significance test: distinct pixels, not overlapping patch pixels
+    if ext_cfg.method == "significance" and int(ext_cfg.num_pixels) == 0:
+        half = int(ext_cfg.center_size) // 2
+        n, h, w = patches.shape
+        covered = _structure_pixel_count(planes, ext_cfg)
+        num_pixels = max(1, min(n * max(h - half, 1) * max(w - half, 1), covered))
+    return structure.find_structural_mask(patches, ext_cfg, num_pixels=num_pixels)
+
+
 def check_kernel_fits(kernel: np.ndarray, patch_size: int, source: str) -> None:
     """A structural kernel must fit (with its one-pixel gap) into a stage-2 training patch."""
     try:
@@ -191,14 +203,7 @@ def find_mask(cfg, ds: Dataset, train_planes_for_acf: list[np.ndarray], run_dir:
         mask = mask_file if mask_file is not None else structure.load_mask_file(s2.mask_file_path)
     else:
         ext = s2.extractor
-        patches = _structure_patches(train_planes_for_acf, ext, int(cfg.random_seed))
-        num_pixels = None  # significance test: distinct pixels, not overlapping patch pixels
-        if ext.method == "significance" and int(ext.num_pixels) == 0:
-            half = int(ext.center_size) // 2
-            n, h, w = patches.shape
-            covered = _structure_pixel_count(train_planes_for_acf, ext)
-            num_pixels = max(1, min(n * max(h - half, 1) * max(w - half, 1), covered))
-        mask, extracted = structure.find_structural_mask(patches, ext, num_pixels=num_pixels)
+        mask, extracted = mask_from_planes(train_planes_for_acf, ext, int(cfg.random_seed))
         check_kernel_fits(mask, int(s2.patch_size), "config stage2.extractor.center_size")
         info.update(extracted)
         info["highpass_sigma"] = float(ext.highpass_sigma)

@@ -230,6 +230,14 @@ def predict_strips(variables, read_rows: Callable[[int, int], np.ndarray], heigh
     if num_layers is None:
         num_layers = architecture(variables)[1]
     band, context, tile = strip_plan(height, width, num_layers, tile_size)
+    if height <= band + 2 * context:
+        # A plane no taller than one strip (e.g. each plane of a stack): one pass, and a batch no
+        # larger than its tile count, so no forward is spent on padding tiles (all planes of a
+        # file share the shape: still one compile per file).
+        plan = tile_plan((height, width), num_layers, tile)
+        yield 0, predict_image(variables, read_rows(0, height), apply_fn=apply_fn, num_layers=num_layers,
+                               tile_size=tile, batch_tiles=min(batch_tiles, plan.ny * plan.nx), tta=tta)
+        return
     for r0 in range(0, height, band):
         r1 = min(height, r0 + band)
         a, b = max(0, r0 - context), min(height, r1 + context)
