@@ -169,7 +169,7 @@ def highpass(images: Any, sigma: float) -> np.ndarray:
 # Config
 # --------------------------------------------------------------------------------------------
 _DEFAULTS: dict[str, Any] = {
-    "method": "ring",
+    "method": "significance",  # measured best (docs/benchmarks.md, "Mask discovery")
     "center_size": 11,
     "adapt_autocorr": True,
     "adapt_CB": 50.0,
@@ -185,7 +185,7 @@ _DEFAULTS: dict[str, Any] = {
     "min_correlation": 0.05,
     "num_pixels": 0,  # 0: derive from the data (find_structural_mask) or pass num_pixels=...
     # Preprocessing of the images before the patches are drawn (pipeline; see highpass()):
-    "highpass_sigma": 2.0,  # subtract a Gaussian blur of this sigma (pixels); 0 = off
+    "highpass_sigma": 1.0,  # subtract a Gaussian blur of this sigma (pixels); 0 = off
     # Which patches the pipeline measures (not used by the extraction itself):
     "num_patches": 1000,  # patches whose autocorrelation is averaged
     "patch_size": 64,  # their side (capped by the image size)

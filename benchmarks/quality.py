@@ -48,7 +48,7 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(structural_similarity(a, b, data_range=float(a.max() - a.min()) or 1.0))
 
 
-def run_case(case: str, out: pathlib.Path, epochs: int, seed: int = 0) -> dict:
+def run_case(case: str, out: pathlib.Path, epochs: int, seed: int = 0, **overrides) -> dict:
     rng = np.random.default_rng(seed + (0 if case == "white" else 1))
     folder = out / case
     shutil.rmtree(folder, ignore_errors=True)
@@ -61,7 +61,7 @@ def run_case(case: str, out: pathlib.Path, epochs: int, seed: int = 0) -> dict:
     # configs/demo.py with the same patches per epoch as the demo (4 images x 200): 16 crops x 50
     cfg = api.load_config("configs/demo.py", input_dir=str(folder / "noisy"), output_dir=str(folder / "run"),
                           clean_dir=str(folder / "clean"), num_epochs=epochs,
-                          **{"stage1.patches_per_image": 50, "stage2.patches_per_image": 50})
+                          **{"stage1.patches_per_image": 50, "stage2.patches_per_image": 50, **overrides})
     t0 = time.perf_counter()
     summary = api.run(cfg)
     seconds = time.perf_counter() - t0
@@ -81,9 +81,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--out", default="bench_quality")
     parser.add_argument("--cases", default="white,hcorr")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override, e.g. --set stage2.extractor.method=significance")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
-    rows = [run_case(case, out, args.epochs) for case in args.cases.split(",")]
+    overrides = dict(item.split("=", 1) for item in args.set)
+    rows = [run_case(case, out, args.epochs, **overrides) for case in args.cases.split(",")]
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     print("| case | noisy PSNR / SSIM | stage 1 | final | mask | time |")
     print("|---|---|---|---|---|---|")

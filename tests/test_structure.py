@@ -176,7 +176,7 @@ def test_significance_without_baseline_takes_signal_for_structure(signal):
 def test_ring_info_contents_and_json_friendly():
     import json
 
-    mask, info = S.find_structural_mask(make_patches("x", 0, n_patches=100), None)
+    mask, info = S.find_structural_mask(make_patches("x", 0, n_patches=100), {"method": "ring"})
     assert info["method"] == "ring"
     assert [r["ring"] for r in info["rings"]] == [1, 2, 3, 4, 5]
     assert info["rings"][0]["considered"] and info["rings"][0]["kept"] == [[0, -1], [0, 1]]
@@ -188,6 +188,7 @@ def test_extract_with_config_dict_and_center_size():
     p = make_patches("x", 1, n_patches=100)
     acf = np.asarray(S.autocorrelation(p))
     cfg = S.default_extractor_config()
+    cfg.method = "ring"  # the log ACF above is the ring method's input
     cfg.center_size = 5
     mask, _ = S.extract_structural_mask(acf, cfg)
     assert mask.shape == (5, 5)
@@ -277,7 +278,8 @@ def test_default_config_keys():
         "keep_center_component_only", "max_true_pixels", "z_threshold", "min_correlation",
         "num_pixels", "num_patches", "patch_size", "use_background", "highpass_sigma",
     }
-    assert cfg.method == "ring" and cfg.center_size == 11 and cfg.max_true_pixels == 25
+    assert cfg.method == "significance" and cfg.highpass_sigma == 1.0  # measured best
+    assert cfg.center_size == 11 and cfg.max_true_pixels == 25
     S.validate_extractor_config(cfg)
 
 
@@ -483,7 +485,7 @@ def test_highpass_removes_smooth_signal_keeps_noise():
     acf = np.asarray(S.autocorrelation(S.highpass(w, 2.0), log=False, unbiased=True))
     c = acf.shape[0] // 2
     assert -0.08 < acf[c, c + 1] < -0.03 and -0.08 < acf[c + 1, c] < -0.03
-    m, _ = S.extract_structural_mask(np.log1p(np.abs(acf)))
+    m, _ = S.extract_structural_mask(np.log1p(np.abs(acf)), {"method": "ring"})
     assert m.sum() == 1
 
 
