@@ -46,7 +46,7 @@ class Dataset:
 
 def write_text_atomic(path: pathlib.Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")  # unique per process (multi-host)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
@@ -208,7 +208,7 @@ def find_mask(cfg, ds: Dataset, train_planes_for_acf: list[np.ndarray], run_dir:
         info.update(extracted)
         info["highpass_sigma"] = float(ext.highpass_sigma)
         acf = np.asarray(extracted["acf_crop"], np.float32)
-        tmp = mask_dir / "autocorrelation.npy.part"
+        tmp = mask_dir / f"autocorrelation.npy.{os.getpid()}.part"
         with open(tmp, "wb") as fh:
             np.save(fh, acf)
         os.replace(tmp, mask_dir / "autocorrelation.npy")
