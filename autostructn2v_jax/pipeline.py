@@ -46,9 +46,7 @@ class Dataset:
 
 def write_text_atomic(path: pathlib.Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")  # unique per process (multi-host)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    structure.atomic_write(path, lambda f: f.write(text.encode("utf-8")), ".part")
 
 
 def load_dataset(folder: str | os.PathLike, axes: str = "") -> Dataset:
@@ -208,10 +206,7 @@ def find_mask(cfg, ds: Dataset, train_planes_for_acf: list[np.ndarray], run_dir:
         info.update(extracted)
         info["highpass_sigma"] = float(ext.highpass_sigma)
         acf = np.asarray(extracted["acf_crop"], np.float32)
-        tmp = mask_dir / f"autocorrelation.npy.{os.getpid()}.part"
-        with open(tmp, "wb") as fh:
-            np.save(fh, acf)
-        os.replace(tmp, mask_dir / "autocorrelation.npy")
+        structure.atomic_write(mask_dir / "autocorrelation.npy", lambda f: np.save(f, acf), ".npy")
     structure.save_mask(mask_dir / "structural_mask.npy", mask)
     summary = structure.mask_summary(mask)
     info["summary"] = summary

@@ -679,7 +679,9 @@ def load_mask_file(path: str | os.PathLike) -> np.ndarray:
     return validate_mask(data, f"file {p}")
 
 
-def _atomic_write(path: str, write, suffix: str) -> None:
+def atomic_write(path: str | os.PathLike, write, suffix: str) -> None:
+    """Write `path` through `write(binary_file)` into a unique temporary file, then rename it:
+    a kill leaves the old file or the whole new one, and concurrent writers never share a temp."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
     try:
@@ -698,7 +700,7 @@ def save_mask(path: str | os.PathLike, mask: Any) -> None:
     """Validate ``mask`` and write it to ``path`` as a bool ``.npy`` (atomic: temp + replace)."""
     p = os.fspath(path)
     m = validate_mask(mask, p)
-    _atomic_write(p, lambda f: np.save(f, m, allow_pickle=False), ".npy")
+    atomic_write(p, lambda f: np.save(f, m, allow_pickle=False), ".npy")
 
 
 # --------------------------------------------------------------------------------------------
@@ -754,4 +756,4 @@ def plot_mask_figure(info: Mapping, mask: Any, tiled_mask: Any, path: str | os.P
                    interpolation="nearest")
     axes[2].set_title("tiled mask (one patch)")
     fig.tight_layout()
-    _atomic_write(p, lambda f: fig.savefig(f, format="png"), ".png")
+    atomic_write(p, lambda f: fig.savefig(f, format="png"), ".png")
