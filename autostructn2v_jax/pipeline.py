@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from autostructn2v_jax import config as config_lib
-from autostructn2v_jax import data, masking, models, predict, stream, structure, synth, train
+from autostructn2v_jax import data, files, masking, models, predict, stream, structure, synth, train
 from autostructn2v_jax.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class Dataset:
 
 def write_text_atomic(path: pathlib.Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    structure.atomic_write(path, lambda f: f.write(text.encode("utf-8")), ".part")
+    files.atomic_write_text(path, text)
 
 
 def load_dataset(folder: str | os.PathLike, axes: str = "") -> Dataset:
@@ -206,7 +206,7 @@ def find_mask(cfg, ds: Dataset, train_planes_for_acf: list[np.ndarray], run_dir:
         info.update(extracted)
         info["highpass_sigma"] = float(ext.highpass_sigma)
         acf = np.asarray(extracted["acf_crop"], np.float32)
-        structure.atomic_write(mask_dir / "autocorrelation.npy", lambda f: np.save(f, acf), ".npy")
+        files.atomic_write(mask_dir / "autocorrelation.npy", lambda f: np.save(f, acf), ".npy")
     structure.save_mask(mask_dir / "structural_mask.npy", mask)
     summary = structure.mask_summary(mask)
     info["summary"] = summary

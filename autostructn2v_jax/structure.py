@@ -42,7 +42,6 @@ import math
 import numbers
 import os
 import pickle
-import tempfile
 from typing import Any, Mapping
 
 import jax
@@ -53,6 +52,7 @@ import scipy.fft
 import scipy.ndimage
 
 from .errors import ConfigError, UserInputError
+from .files import atomic_write
 
 __all__ = [
     "autocorrelation",
@@ -677,23 +677,6 @@ def load_mask_file(path: str | os.PathLike) -> np.ndarray:
         data.close()
         raise UserInputError(f"mask file {p}: is a .npz archive, expected a single .npy array")
     return validate_mask(data, f"file {p}")
-
-
-def atomic_write(path: str | os.PathLike, write, suffix: str) -> None:
-    """Write `path` through `write(binary_file)` into a unique temporary file, then rename it:
-    a kill leaves the old file or the whole new one, and concurrent writers never share a temp."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def save_mask(path: str | os.PathLike, mask: Any) -> None:
