@@ -50,7 +50,7 @@ def run(cfg, progress=None) -> dict:
 def denoise(run_dir: str | os.PathLike, image: np.ndarray, *, stage: str | None = None,
             tta: bool = False) -> np.ndarray:
     """Denoise an array (H, W) or (P, H, W) with a trained run; float32 in the input's units."""
-    from autostructn2v_jax import data, pipeline
+    from autostructn2v_jax import pipeline, preprocess
 
     _, _, model = pipeline.load_run(run_dir, stage)
     model.tta = tta
@@ -60,8 +60,8 @@ def denoise(run_dir: str | os.PathLike, image: np.ndarray, *, stage: str | None 
         raise ValueError(f"denoise expects (H, W) or (P, H, W), got shape {arr.shape}")
     out = []
     for plane in planes:
-        normed, stats = data.normalize(plane)
-        out.append(data.denormalize(model(normed), stats))
+        normed, stats = preprocess.normalize(plane)
+        out.append(preprocess.denormalize(model(normed), stats))
     result = np.stack(out).astype(np.float32)
     return result[0] if arr.ndim == 2 else result
 
@@ -71,11 +71,11 @@ def extract_mask(planes, config=None, *, seed: int = 0):
 
     Returns `(mask, info)`; `config` is a `stage2.extractor` ConfigDict (defaults when None).
     """
-    from autostructn2v_jax import data, pipeline, structure
+    from autostructn2v_jax import pipeline, preprocess, structure
 
     ext = config if config is not None else config_lib.base_config().stage2.extractor
     structure.validate_extractor_config(ext)
-    normed = [data.normalize(np.asarray(p, np.float32))[0] for p in planes]
+    normed = [preprocess.normalize(np.asarray(p, np.float32))[0] for p in planes]
     return pipeline.mask_from_planes(normed, ext, seed)
 
 

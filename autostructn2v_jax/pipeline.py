@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from autostructn2v_jax import config as config_lib
-from autostructn2v_jax import data, files, masking, models, predict, stream, structure, synth, train
+from autostructn2v_jax import files, masking, models, predict, preprocess, sampling, stream, structure, synth, tiffio, train
 from autostructn2v_jax.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,13 @@ def write_text_atomic(path: pathlib.Path, text: str) -> None:
 
 
 def load_dataset(folder: str | os.PathLike, axes: str = "") -> Dataset:
-    paths = data.list_tiffs(folder)
+    paths = tiffio.list_tiffs(folder)
     raw, meta, normed, stats = [], [], [], []
     for path in paths:
-        planes, m = data.read_image(path, axes or None)
+        planes, m = tiffio.read_image(path, axes or None)
         raw.append(planes)
         meta.append(m)
-        pairs = [data.normalize(p) for p in planes]
+        pairs = [preprocess.normalize(p) for p in planes]
         normed.append([n for n, _ in pairs])
         stats.append([s for _, s in pairs])
     return Dataset(paths, raw, meta, normed, stats)
@@ -65,9 +65,9 @@ def load_dataset(folder: str | os.PathLike, axes: str = "") -> Dataset:
 def split_planes(ds: Dataset, cfg, patch_size: int):
     """(train, val, test) plane lists; a held-out region when there are too few planes."""
     planes = ds.flat()
-    train_idx, val_idx, test_idx = data.split_images(len(planes), tuple(cfg.split_ratio), int(cfg.random_seed))
+    train_idx, val_idx, test_idx = preprocess.split_images(len(planes), tuple(cfg.split_ratio), int(cfg.random_seed))
     if len(val_idx) == 0 or len(train_idx) == 0:
-        train_planes, val_planes = data.holdout_split([planes[i] for i in range(len(planes))], patch_size)
+        train_planes, val_planes = preprocess.holdout_split([planes[i] for i in range(len(planes))], patch_size)
         log.info("%d image plane(s): validation uses a held-out region of each image", len(planes))
         return train_planes, val_planes, []
     return [planes[i] for i in train_idx], [planes[i] for i in val_idx], [planes[i] for i in test_idx]
@@ -105,8 +105,8 @@ def denoise_dataset(model: StageModel, ds: Dataset, out_dir: pathlib.Path, cfg, 
         planes_in = inputs[i] if inputs is not None else ds.normed[i]
         outs = [model(p) for p in planes_in]
         results.append(outs)
-        restored = np.stack([data.denormalize(o, s) for o, s in zip(outs, ds.stats[i])])
-        data.write_image(out_dir / path.name, restored, ds.meta[i], dtype=dtype, overwrite=overwrite)
+        restored = np.stack([preprocess.denormalize(o, s) for o, s in zip(outs, ds.stats[i])])
+        tiffio.write_image(out_dir / path.name, restored, ds.meta[i], dtype=dtype, overwrite=overwrite)
     return results
 
 
@@ -118,14 +118,14 @@ def _stage_model_json(stage_dir: pathlib.Path, stage_cfg, kernel: np.ndarray, na
     ), indent=2))
 
 
-def _structure_bank(planes: list[np.ndarray], ext_cfg) -> tuple[data.ImageBank, int]:
+def _structure_bank(planes: list[np.ndarray], ext_cfg) -> tuple[sampling.ImageBank, int]:
     """The bank the autocorrelation patches are drawn from, and their side.
 
     The background regions (`use_background`) are chosen on the planes as given; the images in
     the bank are then the planes high-passed by `structure.highpass(plane, highpass_sigma)` (0: as
     given), so the image's own smooth correlation does not enter the ACF."""
     size = min(int(ext_cfg.patch_size), *(min(p.shape) for p in planes))
-    bank = data.make_bank(planes, size, bool(ext_cfg.use_background), 0.5, 0.25, True)
+    bank = sampling.make_bank(planes, size, bool(ext_cfg.use_background), 0.5, 0.25, True)
     sigma = float(ext_cfg.get("highpass_sigma", 0.0))
     if sigma > 0:
         images = np.zeros_like(bank.images)
@@ -140,7 +140,7 @@ def _structure_patches(planes: list[np.ndarray], ext_cfg, seed: int) -> np.ndarr
     wash the correlation out)."""
     bank, size = _structure_bank(planes, ext_cfg)
     key = jax.random.fold_in(jax.random.key(seed), 0xAC)
-    return np.asarray(jax.jit(data.sample_patches, static_argnums=(2, 3))(
+    return np.asarray(jax.jit(sampling.sample_patches, static_argnums=(2, 3))(
         key, jax.device_put(bank), size, int(ext_cfg.num_patches)))
 
 
@@ -150,7 +150,7 @@ def _structure_pixel_count(planes: list[np.ndarray], ext_cfg) -> int:
     the significance test -- the patches overlap heavily, so `num_patches * patch_size**2` would
     overstate it."""
     size = min(int(ext_cfg.patch_size), *(min(p.shape) for p in planes))
-    bank = data.make_bank(planes, size, bool(ext_cfg.use_background), 0.5, 0.25, True)
+    bank = sampling.make_bank(planes, size, bool(ext_cfg.use_background), 0.5, 0.25, True)
     covered = 0
     for i, (h, w) in enumerate(np.asarray(bank.shapes)):
         rows = bank.corners[bank.corners[:, 0] == i]
@@ -285,7 +285,7 @@ def _psnr_table(cfg, ds: Dataset, outputs: dict[str, list[list[np.ndarray]]],
         ref = refs[i]
         row = {"noisy": synth.psnr(ref, ds.raw[i].astype(np.float32))}
         for stage, outs in outputs.items():
-            restored = np.stack([data.denormalize(o, s) for o, s in zip(outs[i], ds.stats[i])])
+            restored = np.stack([preprocess.denormalize(o, s) for o, s in zip(outs[i], ds.stats[i])])
             row[stage] = synth.psnr(ref, restored)
         table[path.name] = row
     means = {k: float(np.mean([r[k] for r in table.values()])) for k in next(iter(table.values()))}
@@ -298,7 +298,7 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
     ds = load_dataset(cfg.input_dir, cfg.axes)
     for name, run in (("stage1", cfg.run_stage1), ("stage2", cfg.run_stage2)):
         if run:
-            data.check_min_size(ds.raw, ds.paths, int(cfg[name].patch_size), f"{name}.patch_size")
+            preprocess.check_min_size(ds.raw, ds.paths, int(cfg[name].patch_size), f"{name}.patch_size")
     # Everything else that can fail on user input is loaded before the run folder is touched.
     mask_file = None
     if cfg.run_stage2 and cfg.stage2.mask_source == "file":
@@ -393,7 +393,7 @@ def predict_files(run_dir, input_path, output_dir, *, overwrite: bool = False, a
     cfg, name, model = load_run(run_dir, stage)
     model.tta = tta
     input_path = pathlib.Path(input_path)
-    paths = [input_path] if input_path.is_file() else data.list_tiffs(input_path)
+    paths = [input_path] if input_path.is_file() else tiffio.list_tiffs(input_path)
     out_dir = pathlib.Path(output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserInputError(f"{out_dir}: output exists and is not a folder")
@@ -407,7 +407,7 @@ def predict_files(run_dir, input_path, output_dir, *, overwrite: bool = False, a
     large = {path for path in paths if not axes and stream.is_large(path)}
     # Read (and so validate) every other input before writing anything: a bad file leaves no
     # partial output.
-    images = {path: data.read_image(path, axes or None) for path in paths if path not in large}
+    images = {path: tiffio.read_image(path, axes or None) for path in paths if path not in large}
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in paths:
         if path in large:
@@ -419,9 +419,9 @@ def predict_files(run_dir, input_path, output_dir, *, overwrite: bool = False, a
         planes, meta = images[path]
         outs = []
         for plane in planes:
-            normed, stats = data.normalize(plane)
-            outs.append(data.denormalize(model(normed), stats))
-        data.write_image(out_dir / path.name, np.stack(outs), meta, dtype=dtype, overwrite=overwrite)
+            normed, stats = preprocess.normalize(plane)
+            outs.append(preprocess.denormalize(model(normed), stats))
+        tiffio.write_image(out_dir / path.name, np.stack(outs), meta, dtype=dtype, overwrite=overwrite)
         written.append(out_dir / path.name)
     log.info("%s: denoised %d file(s) with %s into %s", run_dir, len(written), name, out_dir)
     return written

@@ -34,26 +34,13 @@ import numpy as np
 
 from .errors import ConfigError, UserInputError
 from .models import apply_model, architecture, receptive_field
+from .sampling import dihedral_transforms
 
 __all__ = ["predict_image", "make_predict_fn", "tile_plan", "TilePlan", "DEFAULT_CORE"]
 
 DEFAULT_CORE = 256
-
-
-# --------------------------------------------------------------------------------------------
-# Test-time augmentation: the 8 symmetries of the square, on NHWC (axes 1, 2)
-# --------------------------------------------------------------------------------------------
-def _d4_forward(x: jax.Array, k: int) -> jax.Array:
-    if k >= 4:
-        x = jnp.flip(x, axis=2)
-    return jnp.rot90(x, k % 4, axes=(1, 2))
-
-
-def _d4_inverse(y: jax.Array, k: int) -> jax.Array:
-    y = jnp.rot90(y, -(k % 4), axes=(1, 2))
-    if k >= 4:
-        y = jnp.flip(y, axis=2)
-    return y
+# Test-time augmentation: the 8 symmetries of the square on NHWC tiles (axes 1, 2).
+_D4_NHWC = dihedral_transforms((1, 2))
 
 
 def make_predict_fn(
@@ -74,9 +61,9 @@ def make_predict_fn(
         x = jnp.asarray(tiles, jnp.float32)
         if not tta:
             return apply_fn(variables, x, False).astype(jnp.float32)
-        views = jnp.stack([_d4_forward(x, k) for k in range(8)])  # square tiles: same shape
+        views = jnp.stack([forward_t(x) for forward_t, _ in _D4_NHWC])  # square tiles: same shape
         outs = jax.lax.map(lambda v: apply_fn(variables, v, False).astype(jnp.float32), views)
-        return sum(_d4_inverse(outs[k], k) for k in range(8)) / 8.0
+        return sum(inverse_t(outs[k]) for k, (_, inverse_t) in enumerate(_D4_NHWC)) / 8.0
 
     forward.__name__ = f"predict_tiles_t{t}_b{bt}{'_tta' if tta else ''}"
     return jax.jit(forward)

@@ -11,12 +11,12 @@ import base64
 import html
 import io
 import json
-import os
 import pathlib
 
 import numpy as np
 
 from .errors import UserInputError
+from .files import atomic_write, atomic_write_text
 
 CROP = 256
 _STAGES = ("stage1", "stage2")
@@ -24,16 +24,6 @@ _CSS = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-co
         "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}"
         "figure{display:inline-block;margin:0 8px 8px 0}figcaption{font-size:12px}"
         ".px{image-rendering:pixelated}pre{background:#f6f6f6;padding:1em;overflow:auto}")
-
-
-def _write_atomic(path: pathlib.Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        tmp.write_bytes(payload)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _read_json(path: pathlib.Path, default=None):
@@ -72,7 +62,7 @@ def _png_bytes(fig) -> bytes:
 
 def _img(out: pathlib.Path, name: str, payload: bytes, caption: str = "", pixelated=False) -> str:
     """Save ``payload`` as ``out/name``; return an HTML figure embedding it as a data URI."""
-    _write_atomic(out / name, payload)
+    atomic_write(out / name, lambda f: f.write(payload), ".png")
     uri = "data:image/png;base64," + base64.b64encode(payload).decode("ascii")
     cls = ' class="px"' if pixelated else ""
     cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
@@ -104,7 +94,7 @@ def _sources(run: pathlib.Path, cfg: dict, clean: pathlib.Path | None) -> list[t
 
 def _image_section(out, run, cfg, clean, max_images) -> str:
     """Before/after panels at 1:1 for up to ``max_images`` images (plane 0 of stacks)."""
-    from . import data
+    from . import tiffio
 
     sources = _sources(run, cfg, clean)
     if not sources or max_images <= 0:
@@ -113,7 +103,7 @@ def _image_section(out, run, cfg, clean, max_images) -> str:
     axes = cfg.get("axes") or None
     parts = []
     for i, name in enumerate(names[:max_images]):
-        planes = {lab: data.read_image(d / name, axes=axes)[0][0].astype(np.float64)
+        planes = {lab: tiffio.read_image(d / name, axes=axes)[0][0].astype(np.float64)
                   for lab, d in sources if (d / name).is_file()}
         first = _centre_crop(planes.get("noisy", next(iter(planes.values()))))
         vmin, vmax = (float(v) for v in np.percentile(first, (1, 99)))
@@ -203,17 +193,17 @@ def _timings_section(metrics: dict[str, list[dict]]) -> str:
 
 def compute_psnr(run: pathlib.Path, cfg: dict, clean: pathlib.Path) -> dict | None:
     """PSNR (dB) of the noisy inputs and each stage's outputs against ``clean`` (same file names)."""
-    from . import data, synth
+    from . import synth, tiffio
 
     sources = _sources(run, cfg, None)
     axes = cfg.get("axes") or None
     table = {}
-    for ref_path in data.list_tiffs(clean):
-        ref = data.read_image(ref_path, axes=axes)[0].astype(np.float32)
+    for ref_path in tiffio.list_tiffs(clean):
+        ref = tiffio.read_image(ref_path, axes=axes)[0].astype(np.float32)
         row = {}
         for label, folder in sources:
             if (folder / ref_path.name).is_file():
-                img = data.read_image(folder / ref_path.name, axes=axes)[0].astype(np.float32)
+                img = tiffio.read_image(folder / ref_path.name, axes=axes)[0].astype(np.float32)
                 if img.shape == ref.shape:
                     row[label] = synth.psnr(ref, img)
         if row:
@@ -264,5 +254,5 @@ def write_report(run_dir, *, clean_dir=None, max_images: int = 3) -> pathlib.Pat
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>autostructn2v report</title>"
             f"<style>{_CSS}</style></head><body>" + "\n".join(b for b in body if b) + "</body></html>")
     path = out / "report.html"
-    _write_atomic(path, page.encode("utf-8"))
+    atomic_write_text(path, page)
     return path

@@ -10,15 +10,14 @@ plane-by-plane reading, bounded by one plane.
 
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 import warnings
 from typing import Callable
 
 import numpy as np
 
-from autostructn2v_jax import data, predict
+from autostructn2v_jax import predict, preprocess, tiffio
+from autostructn2v_jax.files import atomic_path
 from autostructn2v_jax.errors import UserInputError
 
 _ROWS = 512  # rows per read when accumulating statistics
@@ -44,7 +43,7 @@ class _PlaneSource:
                 self.is_imagej = bool(tif.is_imagej)
                 self.imagej_metadata = {k: v for k, v in (tif.imagej_metadata or {}).items()
                                         if k in ("unit", "spacing", "finterval")}
-                self.resolution = data._resolution_meta(tif)
+                self.resolution = tiffio.resolution_meta(tif)
         self.streamable = (len(self.shape) in (2, 3) and not self.rgb and self.offset is not None
                            and self.dtype.byteorder in ("=", "|", "<" if np.little_endian else ">"))
         self._plane: tuple[int, np.ndarray] | None = None
@@ -76,7 +75,8 @@ class _PlaneSource:
 
 
 def _plane_stats(src: _PlaneSource, p: int) -> dict:
-    """Mean/std of a plane in one streaming pass, with `data.normalize`'s floor and constant rule."""
+    """Mean/std of a plane in one streaming pass, with `preprocess.normalize`'s floor and constant rule
+    (`preprocess.normalization_stats`)."""
     h, w = src.hw
     total = total_sq = 0.0
     lo, hi = np.inf, -np.inf
@@ -88,12 +88,10 @@ def _plane_stats(src: _PlaneSource, p: int) -> dict:
         total_sq += np.square(rows).sum()
         lo, hi = min(lo, rows.min()), max(hi, rows.max())
     n = float(h * w)
-    if lo == hi:
-        mean, std = first, 0.0
-    else:
-        mean = total / n
-        std = float(np.sqrt(max(total_sq / n - mean * mean, 0.0)))
-    return {"mean": mean, "std": max(std, 1e-6 * max(1.0, abs(mean))), "constant": bool(lo == hi)}
+    constant = bool(lo == hi)
+    mean = first if constant else total / n
+    std = 0.0 if constant else float(np.sqrt(max(total_sq / n - mean * mean, 0.0)))
+    return {**preprocess.normalization_stats(mean, std, constant), "constant": constant}
 
 
 def denoise_tiff(variables, in_path, out_path, *, apply_fn: Callable, num_layers: int,
@@ -116,14 +114,12 @@ def denoise_tiff(variables, in_path, out_path, *, apply_fn: Callable, num_layers
     out_dtype = np.dtype(dtype or src.dtype)
     out_axes = src.axes if len(src.axes) == len(src.shape) else ("Q" * (len(src.shape) - 2) + "YX")
     meta = {"imagej_metadata": src.imagej_metadata, "resolution": src.resolution}
-    kwargs = data.tiff_write_kwargs(meta, out_dtype, out_axes)
+    kwargs = tiffio.tiff_write_kwargs(meta, out_dtype, out_axes)
     h, w = src.hw
     row_bytes = w * out_dtype.itemsize
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out_path, ".tif") as tmp:
         target = tifffile.memmap(tmp, shape=src.shape, dtype=out_dtype, **kwargs)
         offset = target.offset
         del target  # pre-allocated file; rows are written with plain file writes below
@@ -139,16 +135,9 @@ def denoise_tiff(variables, in_path, out_path, *, apply_fn: Callable, num_layers
 
                 for r0, rows in predict.predict_strips(variables, read_normed, h, w, apply_fn=apply_fn,
                                                        num_layers=num_layers, tile_size=tile_size, tta=tta):
-                    restored = data.denormalize(rows, stats)
+                    restored = preprocess.denormalize(rows, stats)
                     fh.seek(offset + (p * h + r0) * row_bytes)
-                    fh.write(np.ascontiguousarray(data.to_output_dtype(restored, out_dtype)).tobytes())
-        os.replace(tmp, out_path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+                    fh.write(np.ascontiguousarray(tiffio.to_output_dtype(restored, out_dtype)).tobytes())
     return out_path
 
 

@@ -11,6 +11,8 @@ import pathlib
 import numpy as np
 from scipy import ndimage
 
+from autostructn2v_jax.files import atomic_write
+
 NOISE_CASES = ("white", "hcorr", "vcorr")
 
 
@@ -82,7 +84,5 @@ def write_demo_data(out_dir: str | os.PathLike, *, count: int = 4, size: int = 2
         noisy = add_noise(rng, clean, case)
         for sub, arr in (("clean", clean), ("noisy", noisy)):
             path = out / sub / f"image_{i:02d}.tif"
-            tmp = path.with_name(path.name + ".part")
-            tifffile.imwrite(tmp, arr)
-            os.replace(tmp, path)
+            atomic_write(path, lambda f, arr=arr: tifffile.imwrite(f, arr), ".tif")
     return out

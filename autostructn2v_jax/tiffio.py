@@ -1,20 +1,8 @@
-"""TIFF IO, normalisation, splits, ROI candidates, on-device patch sampling and augmentation.
+"""TIFF IO: list, read and write TIFF images, with one-line errors that name the file.
 
-Host side (numpy, run once per stage)
--------------------------------------
-* :func:`list_tiffs`, :func:`read_image`, :func:`read_images`, :func:`write_image`: TIFF IO with
-  one-line :class:`~autostructn2v_jax.errors.UserInputError` messages that name the file.
-* :func:`normalize` / :func:`denormalize`: per-image mean/std normalisation and its exact inverse.
-  The caller normalises every plane on its own and stores the returned ``stats`` dict with the run
-  (it is needed to map predictions back to the original intensity range).
-* :func:`split_images`, :func:`holdout_split`, :func:`check_min_size`.
-* :func:`roi_candidates` and :func:`make_bank`: build the :class:`ImageBank` sampled on device.
-
-Device side (pure jax, jittable, vmapped over the batch)
---------------------------------------------------------
-* :func:`sample_patches`: draws ``(B, P, P)`` patches from an :class:`ImageBank`.
-* :func:`augment`, :func:`augment_batch`, :func:`dihedral_transforms`: the 8 flips/rotations of the
-  square (dihedral group D4), applied identically to every array given.
+* :func:`list_tiffs`, :func:`read_image`, :func:`write_image` (atomic), plus the pieces the
+  streaming reader/writer shares: :func:`resolution_meta`, :func:`to_output_dtype`,
+  :func:`tiff_write_kwargs`.
 
 Image layout rules (:func:`read_image`)
 ---------------------------------------
@@ -46,47 +34,28 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from scipy import ndimage
 
-from .errors import ConfigError, UserInputError
+from .errors import UserInputError
+from .files import atomic_path
 
 __all__ = [
     "list_tiffs",
     "read_image",
-    "read_images",
     "write_image",
-    "normalize",
-    "denormalize",
-    "split_images",
-    "holdout_split",
-    "check_min_size",
-    "roi_candidates",
-    "ROI_MIN_FRACTION",
-    "ImageBank",
-    "make_bank",
-    "sample_patches",
-    "augment",
-    "augment_batch",
-    "dihedral_transforms",
+    "resolution_meta",
+    "to_output_dtype",
+    "tiff_write_kwargs",
+    "TIFF_SUFFIXES",
 ]
 
 logger = logging.getLogger(__name__)
 
 TIFF_SUFFIXES = (".tif", ".tiff")
-#: Fraction of a patch (measured on the low-resolution ROI map) that must lie in the selected class
-#: (background or foreground) for its corner to be an ROI candidate.
-ROI_MIN_FRACTION = 0.75
-#: Smoothing (in low-resolution pixels) of the ROI map before thresholding.
-ROI_SMOOTH_SIGMA = 1.0
-
 _USER_AXES_LETTERS = set("STZCYX")
 # ImageJ hyperstack axis orders we can write (a subsequence of TZCYX, without C: output is grey).
 _IMAGEJ_AXES = ("YX", "ZYX", "TYX", "TZYX")
@@ -96,6 +65,8 @@ _WRITE_DTYPES = (
 )
 # tifffile log messages that mean the file is damaged (tifffile logs instead of raising).
 _FATAL_LOG_WORDS = ("corrupt", "invalid page offset", "truncat", "failed to read", "invalid offset")
+# A corrupt header can claim an enormous image: refuse more than this (or half the RAM if smaller).
+_MAX_READ_BYTES = 16 << 30
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,7 +130,8 @@ def _parse_user_axes(axes: str, shape: tuple[int, ...], path: Path) -> str:
     return axes
 
 
-def _resolution_meta(tif: Any) -> dict | None:
+def resolution_meta(tif: Any) -> dict | None:
+    """``{"x", "y", "unit"}`` pixels per unit from an open ``tifffile.TiffFile``'s first page, or None."""
     page = tif.pages[0]
     tags = page.tags
     if "XResolution" not in tags or "YResolution" not in tags:
@@ -193,24 +165,49 @@ def _check_file_extent(tif: Any, series: Any, path: Path) -> None:
                 )
 
 
-def read_image(path: str | os.PathLike, axes: str | None = None) -> tuple[np.ndarray, dict]:
-    """Read one TIFF as ``(planes (P, H, W) in the file's dtype, meta)``; see the module docstring.
+class _RawImage(NamedTuple):
+    """What :func:`_read_raw` takes from a file: the first series' array and its description."""
 
-    ``meta`` keys: ``path`` (str), ``dtype`` (str), ``shape`` (original array shape, list),
-    ``axes`` (axes of the original array: the user's ``axes`` or tifffile's), ``out_shape`` /
-    ``out_axes`` (the grey layout written back by :func:`write_image`), ``imagej`` (bool),
-    ``imagej_metadata`` (``unit`` / ``spacing`` / ``finterval`` when present), ``resolution``
-    (``{"x", "y", "unit"}`` pixels per unit from the XResolution/YResolution/ResolutionUnit tags,
-    or ``None``), ``rgb`` (bool: the RGB rule was applied).
-    """
+    array: np.ndarray
+    axes: str  # tifffile's axes of the series
+    photometric: int
+    imagej: bool
+    imagej_metadata: dict
+    resolution: dict | None
+
+
+def _read_limit() -> int:
+    """Bytes an image may claim: ``_MAX_READ_BYTES``, or half the RAM if smaller."""
+    try:
+        return min(_MAX_READ_BYTES, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
+    except (AttributeError, ValueError, OSError):
+        return _MAX_READ_BYTES
+
+
+def _check_claimed_size(series: Any, path: Path) -> None:
+    """Refuse a zero-size image, or one whose header claims more than :func:`_read_limit` bytes
+    (before tifffile allocates it)."""
+    shape = tuple(int(s) for s in series.shape)
+    if math.prod(shape) == 0:
+        raise UserInputError(f"{path}: zero-size image (shape {shape})")
+    nbytes = math.prod(shape) * np.dtype(series.dtype).itemsize
+    limit = _read_limit()
+    if nbytes > limit:
+        raise UserInputError(
+            f"{path}: header claims a {shape} {np.dtype(series.dtype)} image "
+            f"({nbytes / 2**30:.1f} GiB), more than the {limit / 2**30:.1f} GiB this reader "
+            f"accepts (corrupt header or image too large)"
+        )
+
+
+def _read_raw(path: Path) -> _RawImage:
+    """Read the first series of a TIFF; damage of any kind becomes a ``UserInputError``."""
     import tifffile
 
-    path = Path(path)
     if not path.exists():
         raise UserInputError(f"{path}: file does not exist")
     if not path.is_file():
         raise UserInputError(f"{path}: not a file")
-
     catcher = _LogCatcher()
     tlog = logging.getLogger("tifffile")
     tlog.addHandler(catcher)
@@ -221,31 +218,13 @@ def read_image(path: str | os.PathLike, axes: str | None = None) -> tuple[np.nda
                 if not tif.series:
                     raise UserInputError(f"{path}: TIFF contains no image data")
                 series = tif.series[0]
-                file_axes = str(series.axes)
-                photometric = int(getattr(tif.pages[0], "photometric", 1) or 1)
-                is_imagej = bool(tif.is_imagej)
-                ij_meta = tif.imagej_metadata or {}
-                resolution = _resolution_meta(tif)
-                if math.prod(series.shape) == 0:
-                    raise UserInputError(f"{path}: zero-size image (shape {tuple(series.shape)})")
-                # Size guard: a corrupt header can claim an enormous image; refuse it before
-                # tifffile allocates the output (limit: 16 GiB, or half the RAM if smaller).
-                nbytes = math.prod(int(s) for s in series.shape) * np.dtype(series.dtype).itemsize
-                limit = 16 << 30
-                try:
-                    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-                    limit = min(limit, ram // 2)
-                except (AttributeError, ValueError, OSError):
-                    pass
-                if nbytes > limit:
-                    raise UserInputError(
-                        f"{path}: header claims a {tuple(int(s) for s in series.shape)} "
-                        f"{np.dtype(series.dtype)} image ({nbytes / 2**30:.1f} GiB), more than the "
-                        f"{limit / 2**30:.1f} GiB this reader accepts (corrupt header or image too "
-                        f"large)"
-                    )
+                _check_claimed_size(series, path)
                 _check_file_extent(tif, series, path)
-                arr = series.asarray()
+                raw = _RawImage(
+                    array=np.asarray(series.asarray()), axes=str(series.axes),
+                    photometric=int(getattr(tif.pages[0], "photometric", 1) or 1),
+                    imagej=bool(tif.is_imagej), imagej_metadata=dict(tif.imagej_metadata or {}),
+                    resolution=resolution_meta(tif))
     except UserInputError:
         raise
     except Exception as exc:  # tifffile, OSError, ValueError, struct errors, ...
@@ -256,8 +235,11 @@ def read_image(path: str | os.PathLike, axes: str | None = None) -> tuple[np.nda
     if fatal:
         first = fatal[0].splitlines()[0] if fatal[0] else "damaged file"
         raise UserInputError(f"{path}: corrupt or truncated TIFF ({first})")
+    return raw
 
-    arr = np.asarray(arr)
+
+def _check_pixels(arr: np.ndarray, path: Path) -> None:
+    """Refuse pixel types and values the denoiser cannot use."""
     dtype = arr.dtype
     if dtype == np.bool_:
         raise UserInputError(f"{path}: bool (binary) images are not supported; save it as uint8")
@@ -272,75 +254,85 @@ def read_image(path: str | os.PathLike, axes: str | None = None) -> tuple[np.nda
     if np.issubdtype(dtype, np.floating) and not np.isfinite(arr).all():
         raise UserInputError(f"{path}: image contains NaN/Inf pixels")
 
-    orig_shape = tuple(int(s) for s in arr.shape)
-    rgb = False
-    if axes is not None:
-        ax = _parse_user_axes(axes, orig_shape, path)
-        if "C" in ax:
-            ci = ax.index("C")
-            if arr.shape[ci] > 1:
-                warnings.warn(f"{path}: {arr.shape[ci]} channels (axes '{ax}'); using the first "
-                              f"channel only", UserWarning, stacklevel=2)
-            arr = np.take(arr, 0, axis=ci)
-            grey_axes = ax.replace("C", "")
-        else:
-            grey_axes = ax
-        used_axes = ax
-    else:
-        used_axes = file_axes
-        if arr.ndim >= 4:
-            raise UserInputError(
-                f"{path}: {arr.ndim}-D image {orig_shape} (tifffile guesses axes '{file_axes}'); "
-                f"pass axes, e.g. 'TZYX' or 'ZYXC'"
-            )
-        ax = file_axes
-        if len(ax) != arr.ndim or "YX" not in ax:  # unexpected tifffile layout: trust the shape
-            ax = "Q" * (arr.ndim - 2) + "YX"
-        for ch in ("S", "C"):
-            if ch in ax:
-                ci = ax.index(ch)
-                n = arr.shape[ci]
-                if ch == "S" and photometric == 2 and n in (3, 4):  # RGB rule
-                    warnings.warn(f"{path}: RGB image; converted to grey as the mean of R, G, B",
-                                  UserWarning, stacklevel=2)
-                    grey = np.take(arr, [0, 1, 2], axis=ci).astype(np.float64).mean(axis=ci)
-                    if np.issubdtype(dtype, np.integer):
-                        info = np.iinfo(dtype)
-                        grey = np.clip(np.rint(grey), info.min, info.max)
-                    arr = grey.astype(dtype)
-                    rgb = True
-                else:  # channel rule
-                    warnings.warn(f"{path}: {n} channels/samples (axes '{ax}'); using the first "
-                                  f"channel only", UserWarning, stacklevel=2)
-                    arr = np.take(arr, 0, axis=ci)
-                ax = ax[:ci] + ax[ci + 1:]
-        grey_axes = ax
 
-    out_shape = tuple(int(s) for s in arr.shape)
-    h, w = out_shape[-2:]
-    if h == 0 or w == 0 or arr.size == 0:
-        raise UserInputError(f"{path}: zero-size image (shape {orig_shape})")
-    planes = np.ascontiguousarray(arr.reshape(-1, h, w))
+def _first_channel(arr: np.ndarray, ax: str, ci: int, path: Path) -> np.ndarray:
+    """The channel rule: keep channel 0 of axis ``ci`` (a warning names the file)."""
+    if arr.shape[ci] > 1:
+        warnings.warn(f"{path}: {arr.shape[ci]} channels/samples (axes '{ax}'); using the first "
+                      f"channel only", UserWarning, stacklevel=4)
+    return np.take(arr, 0, axis=ci)
+
+
+def _rgb_to_grey(arr: np.ndarray, ci: int, path: Path) -> np.ndarray:
+    """The RGB rule: unweighted mean of R, G, B along axis ``ci``, rounded back to an int dtype."""
+    warnings.warn(f"{path}: RGB image; converted to grey as the mean of R, G, B",
+                  UserWarning, stacklevel=4)
+    grey = np.take(arr, [0, 1, 2], axis=ci).astype(np.float64).mean(axis=ci)
+    if np.issubdtype(arr.dtype, np.integer):
+        info = np.iinfo(arr.dtype)
+        grey = np.clip(np.rint(grey), info.min, info.max)
+    return grey.astype(arr.dtype)
+
+
+def _to_grey(raw: _RawImage, axes: str | None, path: Path) -> tuple[np.ndarray, str, str, bool]:
+    """Apply the layout rules: ``(grey array, axes used, grey axes, rgb rule applied)``."""
+    arr = raw.array
+    if axes is not None:
+        ax = _parse_user_axes(axes, tuple(arr.shape), path)
+        if "C" in ax:
+            arr = _first_channel(arr, ax, ax.index("C"), path)
+        return arr, ax, ax.replace("C", ""), False
+    if arr.ndim >= 4:
+        raise UserInputError(
+            f"{path}: {arr.ndim}-D image {tuple(arr.shape)} (tifffile guesses axes '{raw.axes}'); "
+            f"pass axes, e.g. 'TZYX' or 'ZYXC'"
+        )
+    ax = raw.axes
+    if len(ax) != arr.ndim or "YX" not in ax:  # unexpected tifffile layout: trust the shape
+        ax = "Q" * (arr.ndim - 2) + "YX"
+    rgb = False
+    for ch in ("S", "C"):
+        if ch in ax:
+            ci = ax.index(ch)
+            if ch == "S" and raw.photometric == 2 and arr.shape[ci] in (3, 4):
+                arr, rgb = _rgb_to_grey(arr, ci, path), True
+            else:
+                arr = _first_channel(arr, ax, ci, path)
+            ax = ax[:ci] + ax[ci + 1:]
+    return arr, raw.axes, ax, rgb
+
+
+def read_image(path: str | os.PathLike, axes: str | None = None) -> tuple[np.ndarray, dict]:
+    """Read one TIFF as ``(planes (P, H, W) in the file's dtype, meta)``; see the module docstring.
+
+    ``meta`` keys: ``path`` (str), ``dtype`` (str), ``shape`` (original array shape, list),
+    ``axes`` (axes of the original array: the user's ``axes`` or tifffile's), ``out_shape`` /
+    ``out_axes`` (the grey layout written back by :func:`write_image`), ``imagej`` (bool),
+    ``imagej_metadata`` (``unit`` / ``spacing`` / ``finterval`` when present), ``resolution``
+    (``{"x", "y", "unit"}`` pixels per unit from the XResolution/YResolution/ResolutionUnit tags,
+    or ``None``), ``rgb`` (bool: the RGB rule was applied).
+    """
+    path = Path(path)
+    raw = _read_raw(path)
+    _check_pixels(raw.array, path)
+    grey, used_axes, grey_axes, rgb = _to_grey(raw, axes, path)
+    h, w = grey.shape[-2:]
+    if grey.size == 0:
+        raise UserInputError(f"{path}: zero-size image (shape {tuple(raw.array.shape)})")
     meta = {
         "path": str(path),
-        "dtype": str(dtype),
-        "shape": list(orig_shape),
+        "dtype": str(raw.array.dtype),
+        "shape": [int(s) for s in raw.array.shape],
         "axes": used_axes,
-        "out_shape": list(out_shape),
+        "out_shape": [int(s) for s in grey.shape],
         "out_axes": grey_axes,
-        "imagej": is_imagej,
-        "imagej_metadata": {k: ij_meta[k] for k in ("unit", "spacing", "finterval")
-                            if k in ij_meta},
-        "resolution": resolution,
+        "imagej": raw.imagej,
+        "imagej_metadata": {k: raw.imagej_metadata[k] for k in ("unit", "spacing", "finterval")
+                            if k in raw.imagej_metadata},
+        "resolution": raw.resolution,
         "rgb": rgb,
     }
-    return planes, meta
-
-
-def read_images(paths: Sequence[str | os.PathLike], axes: str | None = None
-                ) -> list[tuple[np.ndarray, dict]]:
-    """:func:`read_image` for each path, in order."""
-    return [read_image(p, axes=axes) for p in paths]
+    return np.ascontiguousarray(grey.reshape(-1, h, w)), meta
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,19 +389,13 @@ def write_image(path: str | os.PathLike, planes: np.ndarray, meta: dict,
     kwargs = tiff_write_kwargs(meta, out_dtype, out_axes)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        tifffile.imwrite(tmp, data, **kwargs)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, Exception) and not isinstance(exc, UserInputError):
-            raise UserInputError(f"{path}: cannot write TIFF ({_one_line(exc)})") from exc
+        with atomic_path(path, ".tif") as tmp:
+            tifffile.imwrite(tmp, data, **kwargs)
+    except UserInputError:
         raise
+    except Exception as exc:
+        raise UserInputError(f"{path}: cannot write TIFF ({_one_line(exc)})") from exc
     return path
 
 
@@ -441,328 +427,3 @@ def tiff_write_kwargs(meta: dict, out_dtype, out_axes: str) -> dict[str, Any]:
             kwargs["resolution"] = (res["x"], res["y"])
             kwargs["resolutionunit"] = int(res.get("unit", 1))
     return kwargs
-
-
-# --------------------------------------------------------------------------------------------
-# Normalisation
-# --------------------------------------------------------------------------------------------
-def normalize(plane: np.ndarray) -> tuple[np.ndarray, dict]:
-    """``(plane - mean) / std`` as float32 with ``stats = {"mean": float, "std": float}``.
-
-    Statistics are over the whole array given (call it per plane). ``std`` is floored at
-    ``1e-6 * max(1, |mean|)`` so tiny-range images stay finite; a constant image gives all zeros.
-    Store ``stats`` per image with the run; :func:`denormalize` is the exact inverse.
-    """
-    x = np.asarray(plane, dtype=np.float64)
-    if x.size == 0:
-        raise ValueError("normalize: empty array")
-    constant = bool(x.max() == x.min())
-    mean = float(x.flat[0]) if constant else float(x.mean())
-    raw_std = 0.0 if constant else float(x.std())
-    std = max(raw_std, 1e-6 * max(1.0, abs(mean)))
-    if constant:
-        normed = np.zeros(x.shape, np.float32)
-    else:
-        normed = ((x - mean) / std).astype(np.float32)
-    return normed, {"mean": mean, "std": std}
-
-
-def denormalize(normed: np.ndarray, stats: dict) -> np.ndarray:
-    """Inverse of :func:`normalize`: ``normed * std + mean`` as float32 (no clipping)."""
-    x = np.asarray(normed, dtype=np.float64)
-    return (x * float(stats["std"]) + float(stats["mean"])).astype(np.float32)
-
-
-# --------------------------------------------------------------------------------------------
-# Splits and size checks
-# --------------------------------------------------------------------------------------------
-def split_images(n_images: int, split_ratio: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reproducible random split of ``range(n_images)`` into sorted, disjoint, covering indices.
-
-    Counts: ``n_val = round(r_val * n)``, ``n_test = round(r_test * n)``, the rest is train; at
-    least one train image is kept (taken from test, then val). Permutation from
-    ``np.random.default_rng(seed)``. Raises ``ConfigError("split_ratio", ...)`` unless the ratio is
-    3 finite non-negative numbers summing to 1 with train > 0.
-    """
-    try:
-        ratios = [float(r) for r in split_ratio]
-        if isinstance(split_ratio, (str, bytes)):
-            raise TypeError
-    except (TypeError, ValueError):
-        raise ConfigError("split_ratio",
-                          f"must be 3 numbers (train, val, test), got {split_ratio!r}") from None
-    if len(ratios) != 3 or not all(math.isfinite(r) and r >= 0 for r in ratios):
-        raise ConfigError("split_ratio", f"must be 3 non-negative numbers, got {split_ratio!r}")
-    if abs(sum(ratios) - 1.0) > 1e-6:
-        raise ConfigError("split_ratio", f"must sum to 1, got {split_ratio!r} (sum {sum(ratios)})")
-    if ratios[0] <= 0:
-        raise ConfigError("split_ratio", f"train fraction must be > 0, got {split_ratio!r}")
-    n = int(n_images)
-    if n < 1:
-        raise UserInputError(f"split_images: need at least one image, got {n_images}")
-    n_val = int(round(ratios[1] * n))
-    n_test = int(round(ratios[2] * n))
-    while n - n_val - n_test < 1:
-        if n_test > 0:
-            n_test -= 1
-        else:
-            n_val -= 1
-    perm = np.random.default_rng(seed).permutation(n)
-    n_train = n - n_val - n_test
-    train = np.sort(perm[:n_train])
-    val = np.sort(perm[n_train:n_train + n_val])
-    test = np.sort(perm[n_train + n_val:])
-    return train, val, test
-
-
-def holdout_split(planes: Sequence[np.ndarray], patch_size: int, fraction: float = 0.15
-                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Carve a validation region out of every plane (for datasets too small for an image split).
-
-    For each ``(H, W)`` plane: the bottom strip of height ``max(patch_size, round(fraction * H))``
-    becomes a validation plane and the rest a training plane, provided the rest is at least
-    ``patch_size`` high. Otherwise the same is done along the width (right strip). If neither
-    fits, the whole plane is used for both training and validation and a warning is logged.
-    Returns ``(train_planes, val_planes)``, one entry per input plane.
-    """
-    p = int(patch_size)
-    train, val = [], []
-    for i, plane in enumerate(planes):
-        plane = np.asarray(plane)
-        if plane.ndim != 2:
-            raise ValueError(f"holdout_split: plane {i} must be 2-D, got shape {plane.shape}")
-        h, w = plane.shape
-        hv = max(p, int(round(fraction * h)))
-        wv = max(p, int(round(fraction * w)))
-        if h - hv >= p and hv <= h:
-            train.append(plane[: h - hv])
-            val.append(plane[h - hv:])
-        elif w - wv >= p and wv <= w:
-            train.append(plane[:, : w - wv])
-            val.append(plane[:, w - wv:])
-        else:
-            logger.warning("holdout_split: plane %d (%dx%d) is too small to hold out a %d-pixel "
-                           "validation strip; using it for both training and validation",
-                           i, h, w, p)
-            train.append(plane)
-            val.append(plane)
-    return train, val
-
-
-def check_min_size(planes: Sequence[np.ndarray], paths: Sequence[str | os.PathLike],
-                   patch_size: int, key: str) -> None:
-    """Raise ``UserInputError`` naming the file and ``key`` if any image is smaller than a patch.
-
-    ``planes[i]`` is ``(H, W)`` or ``(P, H, W)``; ``paths[i]`` is its file; ``key`` the config key
-    of the patch size (e.g. ``"stage1.patch_size"``).
-    """
-    for arr, path in zip(planes, paths):
-        h, w = np.shape(arr)[-2:]
-        if h < patch_size or w < patch_size:
-            raise UserInputError(
-                f"{path}: image is {h}x{w} pixels, smaller than {key}={patch_size}; use a smaller "
-                f"patch size or larger images"
-            )
-
-
-# --------------------------------------------------------------------------------------------
-# ROI candidates
-# --------------------------------------------------------------------------------------------
-def _corner_grid(n: int, p: int, stride: int) -> np.ndarray:
-    g = np.arange(0, n - p + 1, stride)
-    if g[-1] != n - p:
-        g = np.append(g, n - p)
-    return g
-
-
-def roi_candidates(plane: np.ndarray, patch_size: int, roi_threshold: float = 0.5,
-                   scale_factor: float = 0.25, select_background: bool = True) -> np.ndarray:
-    """Patch corners ``(K, 2)`` int32 ``(y, x)`` whose patch lies mostly in the selected class.
-
-    Rule: the plane is block-averaged by ``b = max(1, round(1 / scale_factor))`` (edge rows/columns
-    that do not fill a block are dropped, then the map is edge-extended back to full size), smoothed
-    with a Gaussian (sigma ``ROI_SMOOTH_SIGMA`` low-res pixels), min-max normalised to ``[0, 1]`` (a
-    constant plane maps to 0, i.e. background). Background = value ``<= roi_threshold`` (if
-    ``select_background``), foreground = ``> roi_threshold`` otherwise. A corner is a candidate when
-    at least ``ROI_MIN_FRACTION`` (75 %) of its ``patch_size``-square patch lies in the selected
-    class. Corners are taken on a grid of stride ``max(1, patch_size // 4)`` (plus the last valid
-    row/column) to bound their number. With no candidate, all grid corners are returned (a note is
-    logged). Fully vectorised (integral image).
-    """
-    x = np.asarray(plane, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"roi_candidates: plane must be 2-D, got shape {x.shape}")
-    h, w = x.shape
-    p = int(patch_size)
-    if p < 1 or h < p or w < p:
-        raise ValueError(f"roi_candidates: patch_size {p} does not fit a {h}x{w} plane")
-    if not (0 < float(scale_factor) <= 1):
-        raise ConfigError("scale_factor", f"must be in (0, 1], got {scale_factor}")
-    b = max(1, min(int(round(1.0 / float(scale_factor))), h, w))
-    hc, wc = (h // b) * b, (w // b) * b
-    low = x[:hc, :wc].reshape(hc // b, b, wc // b, b).mean(axis=(1, 3))
-    if ROI_SMOOTH_SIGMA > 0:
-        low = ndimage.gaussian_filter(low, ROI_SMOOTH_SIGMA, mode="nearest")
-    lo, hi = float(low.min()), float(low.max())
-    norm = (low - lo) / (hi - lo) if hi > lo else np.zeros_like(low)
-    sel = norm <= roi_threshold if select_background else norm > roi_threshold
-    full = np.repeat(np.repeat(sel, b, axis=0), b, axis=1)
-    full = np.pad(full, ((0, h - hc), (0, w - wc)), mode="edge")
-    integral = np.zeros((h + 1, w + 1), np.int64)
-    integral[1:, 1:] = full.astype(np.int64).cumsum(0).cumsum(1)
-    stride = max(1, p // 4)
-    ys = _corner_grid(h, p, stride)
-    xs = _corner_grid(w, p, stride)
-    yy, xx = np.meshgrid(ys, xs, indexing="ij")
-    counts = (integral[yy + p, xx + p] - integral[yy, xx + p] - integral[yy + p, xx]
-              + integral[yy, xx])
-    ok = counts >= ROI_MIN_FRACTION * p * p
-    if not ok.any():
-        logger.info("roi_candidates: no %s patch found in a %dx%d plane; using all corners",
-                    "background" if select_background else "foreground", h, w)
-        ok = np.ones_like(ok)
-    return np.stack([yy[ok], xx[ok]], axis=1).astype(np.int32)
-
-
-# --------------------------------------------------------------------------------------------
-# Device-side bank, sampling and augmentation
-# --------------------------------------------------------------------------------------------
-class ImageBank(NamedTuple):
-    """A stage's normalised images, ready for on-device sampling (a pytree of arrays).
-
-    images:  float32 (N, Hmax, Wmax), plane i in ``images[i, :H_i, :W_i]``, zero padding elsewhere.
-    shapes:  int32 (N, 2), ``(H_i, W_i)``.
-    corners: int32 (M, 3) rows ``(image, y, x)``; ``y = x = -1`` means a uniform random corner
-             inside that image.
-    weights: float32 (M,) sampling probabilities (sum 1).
-    """
-
-    images: Any
-    shapes: Any
-    corners: Any
-    weights: Any
-
-
-def make_bank(planes: Sequence[np.ndarray], patch_size: int, use_roi: bool = False,
-              roi_threshold: float = 0.5, scale_factor: float = 0.25,
-              select_background: bool = True) -> ImageBank:
-    """Build an :class:`ImageBank` (numpy arrays; the caller ``jax.device_put``s it).
-
-    ``planes``: normalised 2-D float planes, each at least ``patch_size`` in both dimensions.
-    Random mode (``use_roi=False``): one row ``(i, -1, -1)`` per plane weighted by its number of
-    valid corners ``(H-P+1)(W-P+1)``, so every valid patch of every plane is equally likely.
-    ROI mode: rows are the :func:`roi_candidates` of every plane, uniformly weighted.
-    """
-    p = int(patch_size)
-    if len(planes) == 0:
-        raise ValueError("make_bank: no planes")
-    arrs = [np.asarray(a, dtype=np.float32) for a in planes]
-    for i, a in enumerate(arrs):
-        if a.ndim != 2:
-            raise ValueError(f"make_bank: plane {i} must be 2-D, got shape {a.shape}")
-        if a.shape[0] < p or a.shape[1] < p:
-            raise ValueError(f"make_bank: plane {i} of shape {a.shape} is smaller than patch {p}")
-    hmax = max(a.shape[0] for a in arrs)
-    wmax = max(a.shape[1] for a in arrs)
-    images = np.zeros((len(arrs), hmax, wmax), np.float32)
-    for i, a in enumerate(arrs):
-        images[i, : a.shape[0], : a.shape[1]] = a
-    shapes = np.array([a.shape for a in arrs], np.int32)
-    if use_roi:
-        rows = []
-        for i, a in enumerate(arrs):
-            c = roi_candidates(a, p, roi_threshold, scale_factor, select_background)
-            rows.append(np.concatenate([np.full((len(c), 1), i, np.int32), c], axis=1))
-        corners = np.concatenate(rows, axis=0).astype(np.int32)
-        weights = np.full(len(corners), 1.0 / len(corners), np.float64)
-    else:
-        corners = np.stack([np.arange(len(arrs)), np.full(len(arrs), -1), np.full(len(arrs), -1)],
-                           axis=1).astype(np.int32)
-        n_valid = (shapes[:, 0].astype(np.float64) - p + 1) * (shapes[:, 1] - p + 1)
-        weights = n_valid / n_valid.sum()
-    return ImageBank(images=images, shapes=shapes, corners=corners,
-                     weights=weights.astype(np.float32))
-
-
-def sample_patches(key: jax.Array, bank: ImageBank, patch_size: int, batch_size: int) -> jax.Array:
-    """Draw ``(batch_size, patch_size, patch_size)`` float32 patches from ``bank`` (jittable).
-
-    ``patch_size`` and ``batch_size`` must be static under ``jax.jit``. Rows are drawn with
-    probabilities ``bank.weights``; a ``-1`` corner becomes a uniform corner inside that image, so
-    padding is never sampled.
-    """
-    p, b = int(patch_size), int(batch_size)
-    k_rows, k_pos = jax.random.split(key)
-    corners = jnp.asarray(bank.corners)
-    rows = jax.random.choice(k_rows, corners.shape[0], shape=(b,), replace=True,
-                             p=jnp.asarray(bank.weights))
-    images = jnp.asarray(bank.images)
-    shapes = jnp.asarray(bank.shapes)
-
-    def one(row: jax.Array, k: jax.Array) -> jax.Array:
-        c = corners[row]
-        i = c[0]
-        hw = shapes[i]
-        ky, kx = jax.random.split(k)
-        ry = jax.random.randint(ky, (), 0, hw[0] - p + 1)
-        rx = jax.random.randint(kx, (), 0, hw[1] - p + 1)
-        y = jnp.where(c[1] < 0, ry, c[1])
-        x = jnp.where(c[2] < 0, rx, c[2])
-        return jax.lax.dynamic_slice(images, (i, y, x), (1, p, p))[0]
-
-    return jax.vmap(one)(rows, jax.random.split(k_pos, b))
-
-
-def _dihedral(t: int, axes: tuple[int, int]) -> tuple[Callable, Callable]:
-    rot, flip = t % 4, t // 4
-
-    def forward(a):
-        if flip:
-            a = jnp.flip(a, axis=axes[1])
-        return jnp.rot90(a, rot, axes=axes)
-
-    def inverse(a):
-        a = jnp.rot90(a, -rot, axes=axes)
-        if flip:
-            a = jnp.flip(a, axis=axes[1])
-        return a
-
-    return forward, inverse
-
-
-def dihedral_transforms(axes: tuple[int, int] = (0, 1)) -> list[tuple[Callable, Callable]]:
-    """The 8 transforms of the square as ``(forward, inverse)`` pairs acting on ``axes``.
-
-    Index ``t``: ``forward = rot90(k=t % 4)`` after a flip of the second axis if ``t >= 4``;
-    ``t = 0`` is the identity. Use ``axes=(1, 2)`` for ``(B, H, W, C)`` batches (test-time
-    augmentation).
-    """
-    return [_dihedral(t, tuple(axes)) for t in range(8)]
-
-
-_D4 = dihedral_transforms((0, 1))
-
-
-def augment(key: jax.Array, *arrays: jax.Array) -> tuple:
-    """Apply one random dihedral transform (of 8, uniform) identically to every array.
-
-    Each array is ``(H, W)`` or ``(H, W, ...)`` with ``H == W`` (any dtype, e.g. bool masks).
-    Jittable and vmappable (see :func:`augment_batch`). Returns a tuple of the transformed arrays.
-    """
-    if not arrays:
-        return ()
-    for a in arrays:
-        if a.ndim < 2 or a.shape[0] != a.shape[1]:
-            raise ValueError(f"augment: arrays must be square (H, W, ...), got shape {a.shape}")
-    t = jax.random.randint(key, (), 0, 8)
-    branches = [lambda arrs, f=f: tuple(f(a) for a in arrs) for f, _ in _D4]
-    return tuple(jax.lax.switch(t, branches, tuple(jnp.asarray(a) for a in arrays)))
-
-
-def augment_batch(key: jax.Array, *arrays: jax.Array) -> tuple:
-    """:func:`augment` over the leading (batch) axis with independent per-sample transforms."""
-    if not arrays:
-        return ()
-    keys = jax.random.split(key, arrays[0].shape[0])
-    return jax.vmap(augment)(keys, *arrays)

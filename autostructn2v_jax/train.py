@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
-from autostructn2v_jax import data, masking, models, parallel
+from autostructn2v_jax import masking, models, parallel, sampling
 from autostructn2v_jax.checkpoint import Checkpointer
 from autostructn2v_jax.errors import TrainingDivergedError
 
@@ -103,11 +103,11 @@ def _optimizer() -> optax.GradientTransformation:
     return optax.scale_by_adam()
 
 
-def make_batch(key: jax.Array, bank: data.ImageBank, spec: StageSpec, *, augment: bool,
+def make_batch(key: jax.Array, bank: sampling.ImageBank, spec: StageSpec, *, augment: bool,
                sharding: NamedSharding | None = None):
     """(inputs, targets, prediction_masks), each (B, P, P): sampled, masked, replaced, augmented."""
     k_sample, k_mask, k_aug = jax.random.split(key, 3)
-    patches = data.sample_patches(k_sample, bank, spec.patch_size, spec.batch_size)
+    patches = sampling.sample_patches(k_sample, bank, spec.patch_size, spec.batch_size)
     if sharding is not None:  # split the batch over the devices; the rest follows
         patches = jax.lax.with_sharding_constraint(patches, sharding)
     inputs, pred_masks, _ = masking.make_blind_spot_batch(
@@ -116,7 +116,7 @@ def make_batch(key: jax.Array, bank: data.ImageBank, spec: StageSpec, *, augment
     if augment:
         # Masks are drawn in the patch's own orientation, then everything turns together: the
         # structural kernel is transformed exactly like the noise correlation it must cover.
-        inputs, patches, pred_masks = data.augment_batch(k_aug, inputs, patches, pred_masks)
+        inputs, patches, pred_masks = sampling.augment_batch(k_aug, inputs, patches, pred_masks)
     return inputs, patches, pred_masks
 
 
@@ -124,7 +124,7 @@ def make_train_fn(spec: StageSpec, apply_fn: Callable, sharding: NamedSharding |
     """jit(state, bank, root_key) -> (state, losses[steps_per_dispatch])."""
     tx = _optimizer()
 
-    def one_step(state: TrainState, bank: data.ImageBank, root: jax.Array):
+    def one_step(state: TrainState, bank: sampling.ImageBank, root: jax.Array):
         key = jax.random.fold_in(root, state.step)
         inputs, targets, pred_masks = make_batch(key, bank, spec, augment=spec.use_augmentation,
                                                  sharding=sharding)
@@ -159,7 +159,7 @@ def make_train_fn(spec: StageSpec, apply_fn: Callable, sharding: NamedSharding |
 
         return run_steps
 
-    def run(state: TrainState, bank: data.ImageBank, root: jax.Array):
+    def run(state: TrainState, bank: sampling.ImageBank, root: jax.Array):
         return jax.lax.scan(lambda s, _: one_step(s, bank, root), state, None, length=k)
 
     return jax.jit(run, donate_argnums=0)
@@ -170,7 +170,7 @@ def use_scan() -> bool:
     return jax.default_backend() != "cpu"
 
 
-def make_val_set(key: jax.Array, bank: data.ImageBank, spec: StageSpec, count: int,
+def make_val_set(key: jax.Array, bank: sampling.ImageBank, spec: StageSpec, count: int,
                  sharding: NamedSharding | None = None):
     """A fixed validation set: `count` patches with their masks (drawn once, never augmented)."""
     n_batches = max(1, math.ceil(count / spec.batch_size))
@@ -266,7 +266,7 @@ def train_stage(
     batch_sharding = parallel.batch_sharding(mesh)
 
     def to_device(planes, use_roi):
-        bank = data.make_bank(planes, spec.patch_size, use_roi, stage_cfg.roi_threshold,
+        bank = sampling.make_bank(planes, spec.patch_size, use_roi, stage_cfg.roi_threshold,
                               stage_cfg.scale_factor, stage_cfg.select_background)
         return jax.device_put(bank, replicated)
 

@@ -44,7 +44,7 @@ jax.config.update("jax_enable_compilation_cache", False)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from autostructn2v_jax import data, masking, models, parallel, predict, structure, train  # noqa: E402
+from autostructn2v_jax import masking, models, parallel, predict, sampling, structure, train  # noqa: E402
 
 RESULTS: list[dict] = []
 
@@ -198,7 +198,7 @@ def bench_stage(name: str, kernel: np.ndarray, patch: int, batch: int, pct: floa
     # As train.train_stage does it: a 1-D data mesh, replicated bank and state, sharded batch.
     mesh = parallel.data_mesh(batch)
     replicated = parallel.replicated(mesh)
-    bank = jax.device_put(data.make_bank(planes, patch), replicated)
+    bank = jax.device_put(sampling.make_bank(planes, patch), replicated)
     root = jax.random.fold_in(jax.random.key(0), 7)
     apply_fn = models.make_apply_fn(features, depth)
     train_fn = train.make_train_fn(spec, apply_fn, parallel.batch_sharding(mesh))

@@ -10,7 +10,7 @@ import tifffile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autostructn2v_jax import data
+from autostructn2v_jax import preprocess, sampling, tiffio
 from autostructn2v_jax.errors import ConfigError, UserInputError
 
 
@@ -28,16 +28,16 @@ def _rand_image(rng, shape, dtype):
 def _roundtrip(tmp_path, arr, **imwrite_kwargs):
     src = tmp_path / "in.tif"
     tifffile.imwrite(src, arr, **imwrite_kwargs)
-    planes, meta = data.read_image(src)
+    planes, meta = tiffio.read_image(src)
     normed = []
     stats = []
     for p in planes:
-        n, s = data.normalize(p)
+        n, s = preprocess.normalize(p)
         normed.append(n)
         stats.append(s)
-    back = np.stack([data.denormalize(n, s) for n, s in zip(normed, stats)])
+    back = np.stack([preprocess.denormalize(n, s) for n, s in zip(normed, stats)])
     out = tmp_path / "out.tif"
-    data.write_image(out, back, meta)
+    tiffio.write_image(out, back, meta)
     return planes, meta, tifffile.imread(out), out
 
 
@@ -66,13 +66,13 @@ def test_planar_rgb_three_page_stack_is_rgb_unless_axes(tmp_path):
     f = tmp_path / "three.tif"
     tifffile.imwrite(f, arr, photometric="rgb", planarconfig="separate")
     with pytest.warns(UserWarning, match="RGB"):
-        planes, _ = data.read_image(f)
+        planes, _ = tiffio.read_image(f)
     assert planes.shape == (1, 20, 20)
-    planes, meta = data.read_image(f, axes="ZYX")
+    planes, meta = tiffio.read_image(f, axes="ZYX")
     assert planes.shape == (3, 20, 20)
     np.testing.assert_array_equal(planes, arr)
     out = tmp_path / "o.tif"
-    data.write_image(out, planes.astype(np.float32), meta)
+    tiffio.write_image(out, planes.astype(np.float32), meta)
     assert tifffile.imread(out).shape == (3, 20, 20)
 
 
@@ -81,19 +81,19 @@ def test_imagej_metadata_and_resolution_kept(tmp_path):
     src = tmp_path / "ij.tif"
     tifffile.imwrite(src, arr, imagej=True, resolution=(2.0, 4.0),
                      metadata={"axes": "TYX", "unit": "um", "finterval": 0.5})
-    planes, meta = data.read_image(src)
+    planes, meta = tiffio.read_image(src)
     assert meta["imagej"] and meta["axes"] == "TYX"
     assert meta["resolution"]["x"] == pytest.approx(2.0)
     assert meta["resolution"]["y"] == pytest.approx(4.0)
     out = tmp_path / "out.tif"
-    data.write_image(out, planes.astype(np.float32), meta)
+    tiffio.write_image(out, planes.astype(np.float32), meta)
     with tifffile.TiffFile(out) as tif:
         assert tif.is_imagej
         assert tif.series[0].axes == "TYX"
         assert tif.imagej_metadata["unit"] == "um"
         assert tif.imagej_metadata["finterval"] == pytest.approx(0.5)
         np.testing.assert_array_equal(tif.asarray(), arr)
-    _, meta2 = data.read_image(out)
+    _, meta2 = tiffio.read_image(out)
     assert meta2["resolution"]["x"] == pytest.approx(2.0)
     assert meta2["resolution"]["y"] == pytest.approx(4.0)
 
@@ -102,11 +102,11 @@ def test_resolution_kept_for_non_imagej_dtype(tmp_path):
     src = tmp_path / "f64.tif"
     arr = np.random.default_rng(2).normal(size=(16, 16))
     tifffile.imwrite(src, arr, resolution=(2.5, 2.5), resolutionunit="CENTIMETER")
-    planes, meta = data.read_image(src)
+    planes, meta = tiffio.read_image(src)
     assert planes.dtype == np.float64
     out = tmp_path / "o.tif"
-    data.write_image(out, planes.astype(np.float32), meta)
-    planes2, meta2 = data.read_image(out)
+    tiffio.write_image(out, planes.astype(np.float32), meta)
+    planes2, meta2 = tiffio.read_image(out)
     assert planes2.dtype == np.float64
     assert meta2["resolution"] == pytest.approx({"x": 2.5, "y": 2.5, "unit": 3})
 
@@ -114,15 +114,15 @@ def test_resolution_kept_for_non_imagej_dtype(tmp_path):
 def test_write_float32_on_request_and_integer_clipping(tmp_path):
     src = tmp_path / "u8.tif"
     tifffile.imwrite(src, np.full((10, 10), 7, np.uint8))
-    _, meta = data.read_image(src)
+    _, meta = tiffio.read_image(src)
     vals = np.linspace(-50, 300, 100, dtype=np.float32).reshape(1, 10, 10)
     out = tmp_path / "u8_out.tif"
-    data.write_image(out, vals, meta)
+    tiffio.write_image(out, vals, meta)
     got = tifffile.imread(out)
     assert got.dtype == np.uint8
     np.testing.assert_array_equal(got, np.clip(np.rint(vals[0]), 0, 255).astype(np.uint8))
     outf = tmp_path / "f_out.tif"
-    data.write_image(outf, vals, meta, dtype="float32")
+    tiffio.write_image(outf, vals, meta, dtype="float32")
     gotf = tifffile.imread(outf)
     assert gotf.dtype == np.float32
     np.testing.assert_array_equal(gotf, vals[0])
@@ -134,13 +134,13 @@ def test_rgb_rule_mean_with_warning(tmp_path):
     f = tmp_path / "colour.tif"
     tifffile.imwrite(f, rgb, photometric="rgb")
     with pytest.warns(UserWarning, match="colour.tif"):
-        planes, meta = data.read_image(f)
+        planes, meta = tiffio.read_image(f)
     assert meta["rgb"]
     assert planes.shape == (1, 24, 26) and planes.dtype == np.uint8
     expected = np.rint(rgb.astype(np.float64).mean(axis=-1)).astype(np.uint8)
     np.testing.assert_array_equal(planes[0], expected)
     out = tmp_path / "o.tif"
-    data.write_image(out, planes.astype(np.float32), meta)
+    tiffio.write_image(out, planes.astype(np.float32), meta)
     assert tifffile.imread(out).shape == (24, 26)
 
 
@@ -149,7 +149,7 @@ def test_channel_axes_first_channel_with_warning(tmp_path):
     f = tmp_path / "chan.tif"
     tifffile.imwrite(f, arr, photometric="minisblack")
     with pytest.warns(UserWarning, match="chan.tif"):
-        planes, meta = data.read_image(f, axes="CYX")
+        planes, meta = tiffio.read_image(f, axes="CYX")
     assert planes.shape == (1, 16, 16) and (planes == 1).all()
     assert meta["out_shape"] == [16, 16]
 
@@ -158,23 +158,23 @@ def test_axes_mismatch_and_4d_without_axes(tmp_path):
     f = tmp_path / "stack.tif"
     tifffile.imwrite(f, np.zeros((2, 3, 16, 16), np.uint8), photometric="minisblack")
     with pytest.raises(UserInputError, match="axes") as ei:
-        data.read_image(f)
+        tiffio.read_image(f)
     assert str(f) in str(ei.value)
     with pytest.raises(UserInputError) as ei:
-        data.read_image(f, axes="ZYX")
+        tiffio.read_image(f, axes="ZYX")
     assert str(f) in str(ei.value)
-    planes, meta = data.read_image(f, axes="TZYX")
+    planes, meta = tiffio.read_image(f, axes="TZYX")
     assert planes.shape == (6, 16, 16)
     out = tmp_path / "o.tif"
-    data.write_image(out, planes.astype(np.float32), meta)
+    tiffio.write_image(out, planes.astype(np.float32), meta)
     assert tifffile.imread(out).shape == (2, 3, 16, 16)
     f2 = tmp_path / "flat.tif"
     tifffile.imwrite(f2, np.zeros((16, 16), np.uint8))
     with pytest.raises(UserInputError) as ei:
-        data.read_image(f2, axes="ZYX")
+        tiffio.read_image(f2, axes="ZYX")
     assert str(f2) in str(ei.value)
     with pytest.raises(UserInputError):
-        data.read_image(f2, axes="XY")
+        tiffio.read_image(f2, axes="XY")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,22 +189,22 @@ def test_list_tiffs(tmp_path):
             tifffile.imwrite(p, np.zeros((8, 8), np.uint8))
     (tmp_path / "sub").mkdir()
     tifffile.imwrite(tmp_path / "sub" / "d.tif", np.zeros((8, 8), np.uint8))
-    assert [p.name for p in data.list_tiffs(tmp_path)] == ["a.tif", "b.TIF", "c.tiff"]
+    assert [p.name for p in tiffio.list_tiffs(tmp_path)] == ["a.tif", "b.TIF", "c.tiff"]
 
 
 def test_list_tiffs_errors(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(UserInputError, match=str(missing)):
-        data.list_tiffs(missing)
+        tiffio.list_tiffs(missing)
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("hi")
     with pytest.raises(UserInputError, match=str(empty)):
-        data.list_tiffs(empty)
+        tiffio.list_tiffs(empty)
     afile = tmp_path / "file.tif"
     tifffile.imwrite(afile, np.zeros((4, 4), np.uint8))
     with pytest.raises(UserInputError, match=str(afile)):
-        data.list_tiffs(afile)
+        tiffio.list_tiffs(afile)
 
 
 @pytest.mark.parametrize("kind", ["truncated_2d", "truncated_stack", "truncated_imagej",
@@ -239,7 +239,7 @@ def test_bad_files_raise_user_input_error_naming_file(tmp_path, kind):
     elif kind == "bool":
         tifffile.imwrite(f, np.ones((16, 16), bool))
     with pytest.raises(UserInputError) as ei:
-        data.read_image(f)
+        tiffio.read_image(f)
     msg = str(ei.value)
     assert str(f) in msg and "\n" not in msg
     if kind in ("nan", "inf"):
@@ -249,9 +249,9 @@ def test_bad_files_raise_user_input_error_naming_file(tmp_path, kind):
 def test_check_min_size(tmp_path):
     p1, p2 = tmp_path / "big.tif", tmp_path / "small.tif"
     planes = [np.zeros((2, 64, 64)), np.zeros((1, 64, 20))]
-    data.check_min_size(planes[:1], [p1], 32, "stage1.patch_size")
+    preprocess.check_min_size(planes[:1], [p1], 32, "stage1.patch_size")
     with pytest.raises(UserInputError) as ei:
-        data.check_min_size(planes, [p1, p2], 32, "stage1.patch_size")
+        preprocess.check_min_size(planes, [p1, p2], 32, "stage1.patch_size")
     assert str(p2) in str(ei.value) and "32" in str(ei.value)
     assert "stage1.patch_size" in str(ei.value)
 
@@ -259,30 +259,30 @@ def test_check_min_size(tmp_path):
 def test_atomic_write_and_no_overwrite(tmp_path):
     src = tmp_path / "in.tif"
     tifffile.imwrite(src, np.full((8, 8), 3, np.uint16))
-    planes, meta = data.read_image(src)
+    planes, meta = tiffio.read_image(src)
     out = tmp_path / "res" / "out.tif"
-    data.write_image(out, planes.astype(np.float32), meta)
+    tiffio.write_image(out, planes.astype(np.float32), meta)
     assert sorted(p.name for p in out.parent.iterdir()) == ["out.tif"]
     before = out.read_bytes()
     with pytest.raises(UserInputError, match=str(out)):
-        data.write_image(out, planes.astype(np.float32) + 1, meta)
+        tiffio.write_image(out, planes.astype(np.float32) + 1, meta)
     assert out.read_bytes() == before
-    data.write_image(out, planes.astype(np.float32) + 1, meta, overwrite=True)
+    tiffio.write_image(out, planes.astype(np.float32) + 1, meta, overwrite=True)
     assert (tifffile.imread(out) == 4).all()
     # a failed write (NaN) leaves neither a partial file nor a temp file
     bad = tmp_path / "res" / "bad.tif"
     with pytest.raises(UserInputError, match=str(bad)):
-        data.write_image(bad, np.full((1, 8, 8), np.nan, np.float32), meta)
+        tiffio.write_image(bad, np.full((1, 8, 8), np.nan, np.float32), meta)
     # an exception inside tifffile: the temporary file is removed
     with pytest.raises(Exception):
-        data.write_image(bad, planes.astype(np.float32), dict(meta, out_shape=[7, 7]))
+        tiffio.write_image(bad, planes.astype(np.float32), dict(meta, out_shape=[7, 7]))
     assert sorted(p.name for p in out.parent.iterdir()) == ["out.tif"]
 
 
 def test_failed_imwrite_cleans_temp(tmp_path, monkeypatch):
     src = tmp_path / "in.tif"
     tifffile.imwrite(src, np.full((8, 8), 3, np.uint16))
-    planes, meta = data.read_image(src)
+    planes, meta = tiffio.read_image(src)
     outdir = tmp_path / "o"
     outdir.mkdir()
 
@@ -293,7 +293,7 @@ def test_failed_imwrite_cleans_temp(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tifffile, "imwrite", boom)
     with pytest.raises(UserInputError, match="disk full"):
-        data.write_image(outdir / "x.tif", planes.astype(np.float32), meta)
+        tiffio.write_image(outdir / "x.tif", planes.astype(np.float32), meta)
     assert list(outdir.iterdir()) == []
 
 
@@ -308,36 +308,36 @@ def test_failed_imwrite_cleans_temp(tmp_path, monkeypatch):
     np.arange(256, dtype=np.float32).reshape(16, 16) * 1e-30,
 ])
 def test_normalize_constant_and_tiny_range(img):
-    normed, stats = data.normalize(img)
+    normed, stats = preprocess.normalize(img)
     assert normed.dtype == np.float32 and np.isfinite(normed).all()
     assert np.isfinite(stats["std"]) and stats["std"] > 0
     if np.ptp(img) == 0:
         assert (normed == 0).all()
-    back = data.denormalize(normed, stats)
+    back = preprocess.denormalize(normed, stats)
     assert back.dtype == np.float32
     np.testing.assert_allclose(back, img.astype(np.float32), rtol=1e-6, atol=1e-30)
 
 
 def test_normalize_is_standardising_and_invertible():
     x = np.random.default_rng(5).normal(300, 40, (32, 32))
-    n, s = data.normalize(x)
+    n, s = preprocess.normalize(x)
     assert abs(n.mean()) < 1e-5 and abs(n.std() - 1) < 1e-5
-    np.testing.assert_allclose(data.denormalize(n, s), x, rtol=1e-6)
+    np.testing.assert_allclose(preprocess.denormalize(n, s), x, rtol=1e-6)
     assert not np.may_share_memory(n, x)
 
 
 def test_split_reproducible_disjoint_covering():
     for n in [1, 2, 3, 7, 20, 101]:
-        a = data.split_images(n, (0.7, 0.15, 0.15), seed=3)
-        b = data.split_images(n, (0.7, 0.15, 0.15), seed=3)
+        a = preprocess.split_images(n, (0.7, 0.15, 0.15), seed=3)
+        b = preprocess.split_images(n, (0.7, 0.15, 0.15), seed=3)
         for x, y in zip(a, b):
             np.testing.assert_array_equal(x, y)
         allidx = np.concatenate(a)
         assert sorted(allidx.tolist()) == list(range(n))
         assert len(a[0]) >= 1
-    tr, va, te = data.split_images(20, (0.7, 0.15, 0.15), seed=0)
+    tr, va, te = preprocess.split_images(20, (0.7, 0.15, 0.15), seed=0)
     assert (len(tr), len(va), len(te)) == (14, 3, 3)
-    others = [data.split_images(20, seed=s)[0].tolist() for s in range(5)]
+    others = [preprocess.split_images(20, seed=s)[0].tolist() for s in range(5)]
     assert len({tuple(o) for o in others}) > 1
 
 
@@ -346,7 +346,7 @@ def test_split_reproducible_disjoint_covering():
        r=st.tuples(st.integers(1, 10), st.integers(0, 10), st.integers(0, 10)))
 def test_split_property(n, seed, r):
     ratio = tuple(v / sum(r) for v in r)
-    tr, va, te = data.split_images(n, ratio, seed=seed)
+    tr, va, te = preprocess.split_images(n, ratio, seed=seed)
     assert len(tr) >= 1
     assert sorted(np.concatenate([tr, va, te]).tolist()) == list(range(n))
 
@@ -355,17 +355,17 @@ def test_split_property(n, seed, r):
                                  "abc", (float("nan"), 0.5, 0.5)])
 def test_split_bad_ratio(bad):
     with pytest.raises(ConfigError, match="split_ratio"):
-        data.split_images(10, bad, seed=0)
+        preprocess.split_images(10, bad, seed=0)
 
 
 def test_holdout_split_shapes(caplog):
     planes = [np.zeros((100, 80)), np.zeros((40, 200)), np.zeros((40, 40))]
-    train, val = data.holdout_split(planes, patch_size=32, fraction=0.15)
+    train, val = preprocess.holdout_split(planes, patch_size=32, fraction=0.15)
     assert train[0].shape == (68, 80) and val[0].shape == (32, 80)
     assert train[1].shape == (40, 168) and val[1].shape == (40, 32)
     assert train[2].shape == (40, 40) and val[2].shape == (40, 40)
     assert any("too small" in r.message for r in caplog.records)
-    tr, va = data.holdout_split([np.zeros((1000, 64))], patch_size=16, fraction=0.15)
+    tr, va = preprocess.holdout_split([np.zeros((1000, 64))], patch_size=16, fraction=0.15)
     assert va[0].shape == (150, 64) and tr[0].shape == (850, 64)
 
 
@@ -387,8 +387,8 @@ def _overlap(corners, p, lo=48, hi=80):
 
 def test_roi_candidates_background_and_foreground():
     img, p = _square_image(), 16
-    bg = data.roi_candidates(img, p, 0.5, 0.25, select_background=True)
-    fg = data.roi_candidates(img, p, 0.5, 0.25, select_background=False)
+    bg = sampling.roi_candidates(img, p, 0.5, 0.25, select_background=True)
+    fg = sampling.roi_candidates(img, p, 0.5, 0.25, select_background=False)
     assert bg.dtype == np.int32 and bg.ndim == 2 and bg.shape[1] == 2
     assert len(bg) > 0 and len(fg) > 0
     # background patches hardly touch the square; foreground patches lie mostly in it
@@ -410,7 +410,7 @@ def test_roi_candidates_background_and_foreground():
 
 def test_roi_candidates_fallback_all_corners():
     img = np.zeros((64, 48))
-    c = data.roi_candidates(img, 16, 0.5, 0.25, select_background=False)
+    c = sampling.roi_candidates(img, 16, 0.5, 0.25, select_background=False)
     assert len(c) == len(np.arange(0, 49, 4)) * len(np.arange(0, 33, 4))
     assert c[:, 0].max() == 48 and c[:, 1].max() == 32
 
@@ -418,7 +418,7 @@ def test_roi_candidates_fallback_all_corners():
 # ----------------------------------------------------------------------------------------------
 # bank + sampling
 # ----------------------------------------------------------------------------------------------
-_sample = jax.jit(data.sample_patches, static_argnames=("patch_size", "batch_size"))
+_sample = jax.jit(sampling.sample_patches, static_argnames=("patch_size", "batch_size"))
 
 
 def _coord_image(h, w, offset=0.0):
@@ -427,7 +427,7 @@ def _coord_image(h, w, offset=0.0):
 
 def test_make_bank_random_mode():
     planes = [_coord_image(40, 30), _coord_image(20, 50)]
-    bank = data.make_bank(planes, 8, use_roi=False)
+    bank = sampling.make_bank(planes, 8, use_roi=False)
     assert bank.images.shape == (2, 40, 50) and bank.images.dtype == np.float32
     np.testing.assert_array_equal(bank.shapes, [[40, 30], [20, 50]])
     np.testing.assert_array_equal(bank.corners, [[0, -1, -1], [1, -1, -1]])
@@ -440,7 +440,7 @@ def test_sample_patches_are_exact_slices_inside_images():
     h0, w0, h1, w1, p, b = 40, 30, 20, 50, 8, 256
     im0 = _coord_image(h0, w0)
     im1 = _coord_image(h1, w1, offset=10_000.0)
-    bank = data.make_bank([im0, im1], p, use_roi=False)
+    bank = sampling.make_bank([im0, im1], p, use_roi=False)
     dbank = jax.device_put(bank)
     out = np.asarray(_sample(jax.random.PRNGKey(0), dbank, patch_size=p, batch_size=b))
     assert out.shape == (b, p, p) and out.dtype == np.float32
@@ -465,7 +465,7 @@ def test_sample_patches_never_sample_padding_and_weights_uniform_over_patches():
     # image 0 (small, value 1) and image 1 (large, value 2); zero padding must never appear.
     p, b = 8, 2048
     planes = [np.full((10, 10), 1.0, np.float32), np.full((40, 40), 2.0, np.float32)]
-    bank = jax.device_put(data.make_bank(planes, p, use_roi=False))
+    bank = jax.device_put(sampling.make_bank(planes, p, use_roi=False))
     out = np.asarray(_sample(jax.random.PRNGKey(2), bank, patch_size=p, batch_size=b))
     assert set(np.unique(out).tolist()) <= {1.0, 2.0}
     per_patch = out.reshape(b, -1)
@@ -478,7 +478,7 @@ def test_sample_patches_never_sample_padding_and_weights_uniform_over_patches():
 def test_sample_patches_roi_mode_uses_candidates():
     img = _square_image().astype(np.float32)
     p = 16
-    bank = data.make_bank([img], p, use_roi=True, roi_threshold=0.5, scale_factor=0.25,
+    bank = sampling.make_bank([img], p, use_roi=True, roi_threshold=0.5, scale_factor=0.25,
                           select_background=False)
     assert (bank.corners[:, 0] == 0).all() and (bank.corners[:, 1:] >= 0).all()
     np.testing.assert_allclose(bank.weights.sum(), 1.0, rtol=1e-5)
@@ -492,7 +492,7 @@ def test_sample_patches_roi_mode_uses_candidates():
 # augmentation
 # ----------------------------------------------------------------------------------------------
 def _variants(x):
-    return [np.asarray(f(jnp.asarray(x))) for f, _ in data.dihedral_transforms()]
+    return [np.asarray(f(jnp.asarray(x))) for f, _ in sampling.dihedral_transforms()]
 
 
 def test_dihedral_transforms_distinct_and_inverses():
@@ -500,11 +500,11 @@ def test_dihedral_transforms_distinct_and_inverses():
     vs = _variants(x)
     assert len({v.tobytes() for v in vs}) == 8
     np.testing.assert_array_equal(vs[0], x)
-    for f, inv in data.dihedral_transforms():
+    for f, inv in sampling.dihedral_transforms():
         np.testing.assert_array_equal(np.asarray(inv(f(jnp.asarray(x)))), x)
     # batched NHWC variant on axes (1, 2)
     xb = np.arange(2 * 25, dtype=np.float32).reshape(2, 5, 5, 1)
-    for t, (f, inv) in enumerate(data.dihedral_transforms(axes=(1, 2))):
+    for t, (f, inv) in enumerate(sampling.dihedral_transforms(axes=(1, 2))):
         y = np.asarray(f(jnp.asarray(xb)))
         np.testing.assert_array_equal(y[1, ..., 0], _variants(xb[1, ..., 0])[t])
         np.testing.assert_array_equal(np.asarray(inv(jnp.asarray(y))), xb)
@@ -515,7 +515,7 @@ def test_augment_same_transform_all_eight_occur():
     mask = (x % 5 == 0)
     variants = _variants(x)
     keys = jax.random.split(jax.random.PRNGKey(0), 200)
-    a, b, m = jax.jit(jax.vmap(data.augment, in_axes=(0, None, None, None)))(keys, x, x, mask)
+    a, b, m = jax.jit(jax.vmap(sampling.augment, in_axes=(0, None, None, None)))(keys, x, x, mask)
     a, b, m = np.asarray(a), np.asarray(b), np.asarray(m)
     assert m.dtype == np.bool_
     np.testing.assert_array_equal(a, b)
@@ -530,10 +530,10 @@ def test_augment_same_transform_all_eight_occur():
 
 def test_augment_single_and_batch():
     x = jnp.arange(16.0).reshape(4, 4)
-    (y,) = jax.jit(data.augment)(jax.random.PRNGKey(4), x)
+    (y,) = jax.jit(sampling.augment)(jax.random.PRNGKey(4), x)
     assert any(np.array_equal(np.asarray(y), v) for v in _variants(np.asarray(x)))
     batch = jnp.stack([jnp.arange(16.0).reshape(4, 4) + 100 * i for i in range(32)])
-    out_a, out_b = jax.jit(data.augment_batch)(jax.random.PRNGKey(5), batch, batch * 2)
+    out_a, out_b = jax.jit(sampling.augment_batch)(jax.random.PRNGKey(5), batch, batch * 2)
     np.testing.assert_array_equal(np.asarray(out_b), 2 * np.asarray(out_a))
     kinds = set()
     for i in range(32):
@@ -543,4 +543,4 @@ def test_augment_single_and_batch():
         kinds.add(idx[0])
     assert len(kinds) > 1  # per-sample transforms differ
     with pytest.raises(ValueError):
-        data.augment(jax.random.PRNGKey(0), jnp.zeros((4, 5)))
+        sampling.augment(jax.random.PRNGKey(0), jnp.zeros((4, 5)))

@@ -45,7 +45,7 @@ import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from autostructn2v_jax import data
+from autostructn2v_jax import tiffio
 from autostructn2v_jax.errors import UserInputError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,7 +91,7 @@ def seeds(tmp_path_factory) -> dict[str, tuple[Path, bool]]:
     for name, (p, _) in out.items():  # the seeds themselves must read fine
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the RGB note
-            planes, meta = data.read_image(p)
+            planes, meta = tiffio.read_image(p)
         assert planes.ndim == 3 and np.isfinite(planes).all(), name
         assert meta["path"] == str(p)
     return out
@@ -209,7 +209,7 @@ _CHILD = r"""
 import json, resource, signal, sys, traceback, warnings
 resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
 import numpy as np
-from autostructn2v_jax import data
+from autostructn2v_jax import tiffio
 from autostructn2v_jax.errors import UserInputError
 
 class Hang(BaseException):
@@ -238,7 +238,7 @@ for job in jobs:
     rec = {{"key": job["key"]}}
     signal.setitimer(signal.ITIMER_REAL, {per_file})
     try:
-        planes, meta = data.read_image(job["path"], axes=job["axes"])
+        planes, meta = tiffio.read_image(job["path"], axes=job["axes"])
         signal.setitimer(signal.ITIMER_REAL, 0)
         planes = np.asarray(planes)
         numeric = bool(np.issubdtype(planes.dtype, np.integer)
@@ -454,7 +454,7 @@ def test_huge_dimension_guard_in_process(tmp_path):
     path = tmp_path / "huge.tif"
     path.write_bytes(_classic_tiff(100_000, 100_000, compression=8))
     with pytest.raises(UserInputError) as info:
-        data.read_image(path)
+        tiffio.read_image(path)
     msg = str(info.value)
     assert str(path) in msg and "\n" not in msg
     assert not any(w in msg.lower() for w in _ALLOC_WORDS), msg
@@ -493,7 +493,7 @@ def test_random_bytes_named_tif(tmp_path, body, header, suffix):
     try:
         with _time_bound(PER_FILE_S), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            planes, meta = data.read_image(path)
+            planes, meta = tiffio.read_image(path)
     except UserInputError as exc:
         msg = str(exc)
         assert str(path) in msg, msg
@@ -513,10 +513,10 @@ def test_list_tiffs_with_odd_entries(tmp_path):
     os.symlink(tmp_path / "missing", tmp_path / "broken.tif")
     (tmp_path / "junk.TIF").write_bytes(b"not a tiff")
     (tmp_path / "notes.txt").write_text("x")
-    found = data.list_tiffs(tmp_path)
+    found = tiffio.list_tiffs(tmp_path)
     assert [p.name for p in found] == ["junk.TIF"]
     with pytest.raises(UserInputError) as info:
-        data.read_image(found[0])
+        tiffio.read_image(found[0])
     assert str(found[0]) in str(info.value)
     with pytest.raises(UserInputError):
-        data.list_tiffs(tmp_path / "dir.tif")
+        tiffio.list_tiffs(tmp_path / "dir.tif")

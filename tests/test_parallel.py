@@ -21,20 +21,20 @@ SHARDED_STEP = textwrap.dedent(
     import json, jax, numpy as np
     jax.config.update("jax_compilation_cache_dir", {cache!r})
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    from autostructn2v_jax import config, data, masking, models, parallel, train
+    from autostructn2v_jax import config, masking, models, parallel, preprocess, sampling, train
     assert jax.device_count() == 4, jax.devices()
     cfg = config.base_config().stage1
     cfg.patch_size, cfg.batch_size, cfg.features, cfg.steps_per_dispatch = 32, 8, 8, 2
     spec = train.StageSpec.from_config("stage1", cfg, masking.stage1_kernel(1))
     rng = np.random.default_rng(0)
-    planes = [data.normalize(rng.random((64, 64)).astype(np.float32))[0] for _ in range(2)]
+    planes = [preprocess.normalize(rng.random((64, 64)).astype(np.float32))[0] for _ in range(2)]
     apply_fn = models.make_apply_fn(8, 2)
     out = {{}}
     for name, mesh in (("single", jax.make_mesh((1,), ("data",), devices=jax.devices()[:1],
                                                  axis_types=(jax.sharding.AxisType.Auto,))),
                        ("sharded", parallel.data_mesh(8))):
         rep = parallel.replicated(mesh)
-        bank = jax.device_put(data.make_bank(planes, 32), rep)
+        bank = jax.device_put(sampling.make_bank(planes, 32), rep)
         state = jax.device_put(train.init_state(spec, 0, 1e-3), rep)
         fn = train.make_train_fn(spec, apply_fn, parallel.batch_sharding(mesh))
         state, losses = fn(state, bank, jax.random.key(0))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from autostructn2v_jax import data, models, predict, stream
+from autostructn2v_jax import models, predict, preprocess, stream
 from autostructn2v_jax.errors import UserInputError
 
 TILE = 160
@@ -20,8 +20,8 @@ def variables():
 def _reference(variables, planes):
     out = []
     for plane in planes:
-        normed, stats = data.normalize(plane)
-        out.append(data.denormalize(predict.predict_image(variables, normed, tile_size=TILE), stats))
+        normed, stats = preprocess.normalize(plane)
+        out.append(preprocess.denormalize(predict.predict_image(variables, normed, tile_size=TILE), stats))
     return np.stack(out)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from autostructn2v_jax import config as config_lib
-from autostructn2v_jax import data, masking, models, train
+from autostructn2v_jax import masking, models, preprocess, sampling, train
 from autostructn2v_jax.errors import TrainingDivergedError
 
 
@@ -26,13 +26,13 @@ def _cfg(num_epochs=2, **stage):
 
 def _planes(seed=0, n=2, size=64):
     rng = np.random.default_rng(seed)
-    return [data.normalize(rng.random((size, size)).astype(np.float32))[0] for _ in range(n)]
+    return [preprocess.normalize(rng.random((size, size)).astype(np.float32))[0] for _ in range(n)]
 
 
 def test_validation_set_is_fixed_and_masked():
     cfg = _cfg()
     spec = train.StageSpec.from_config("stage1", cfg.stage1, masking.stage1_kernel(1))
-    bank = jax.device_put(data.make_bank(_planes(), 32))
+    bank = jax.device_put(sampling.make_bank(_planes(), 32))
     a = train.make_val_set(jax.random.key(3), bank, spec, 8)
     b = train.make_val_set(jax.random.key(3), bank, spec, 8)
     for x, y in zip(a, b):
@@ -105,7 +105,7 @@ def test_early_stopping_and_plateau(tmp_path):
 def test_train_step_learns_and_uses_fresh_masks():
     cfg = _cfg()
     spec = train.StageSpec.from_config("stage1", cfg.stage1, masking.stage1_kernel(1))
-    bank = jax.device_put(data.make_bank(_planes(), 32))
+    bank = jax.device_put(sampling.make_bank(_planes(), 32))
     k1, k2 = jax.random.key(0), jax.random.key(1)
     _, _, m1 = train.make_batch(k1, bank, spec, augment=True)
     _, _, m2 = train.make_batch(k2, bank, spec, augment=True)
