@@ -50,19 +50,15 @@ def run(cfg, progress=None) -> dict:
 def denoise(run_dir: str | os.PathLike, image: np.ndarray, *, stage: str | None = None,
             tta: bool = False) -> np.ndarray:
     """Denoise an array (H, W) or (P, H, W) with a trained run; float32 in the input's units."""
-    from autostructn2v_jax import pipeline, preprocess
+    from autostructn2v_jax import inference
 
-    _, _, model = pipeline.load_run(run_dir, stage)
+    _, _, model = inference.load_run(run_dir, stage)
     model.tta = tta
     arr = np.asarray(image)
     planes = arr[None] if arr.ndim == 2 else arr
     if planes.ndim != 3:
         raise ValueError(f"denoise expects (H, W) or (P, H, W), got shape {arr.shape}")
-    out = []
-    for plane in planes:
-        normed, stats = preprocess.normalize(plane)
-        out.append(preprocess.denormalize(model(normed), stats))
-    result = np.stack(out).astype(np.float32)
+    result = model.denoise_planes(planes)
     return result[0] if arr.ndim == 2 else result
 
 

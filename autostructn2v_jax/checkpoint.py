@@ -1,9 +1,11 @@
 """Checkpoints: the only module that imports orbax.
 
-Two `CheckpointManager`s per stage: `checkpoints/latest` (resume) and `checkpoints/best` (lowest
-masked validation loss, used for prediction). Each step saves the train state as a pure pytree of
-arrays plus a JSON record of the host-side loop state (epoch, best loss, patience counters).
-Orbax writes into a temporary folder and renames it, so a kill leaves the previous checkpoint intact.
+One checkpoint per epoch commit, in one orbax step folder under `checkpoints/`, holding three items:
+`state` (the train state, to resume), `best` (the variables with the lowest masked validation loss
+so far, for prediction) and `meta` (JSON: the host-side loop state and every epoch's record). Orbax
+writes the step into a temporary folder and renames it, so an epoch's commit is all-or-nothing: a
+kill leaves the previous epoch's checkpoint, whose state, best variables, loop state and history
+agree with each other. `metrics.jsonl` is derived from the history after each commit.
 """
 
 from __future__ import annotations
@@ -25,55 +27,54 @@ def _manager(path: pathlib.Path) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(path.resolve(), options=options)
 
 
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
 class Checkpointer:
-    """Best + latest checkpoints of one stage."""
+    """The epoch commits of one stage (`directory` = the stage's `checkpoints/`)."""
 
     def __init__(self, directory: str | pathlib.Path):
         self.directory = pathlib.Path(directory)
-        self.latest = _manager(self.directory / "latest")
-        self.best = _manager(self.directory / "best")
+        self.manager = _manager(self.directory)
 
-    def save(self, step: int, state: Any, meta: dict, *, is_best: bool) -> None:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    def save(self, step: int, state: Any, best: Any, meta: dict) -> None:
+        """Commit one epoch: train state, best variables and loop metadata, all or nothing."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  best=ocp.args.StandardSave(best), meta=ocp.args.JsonSave(meta))
         with jax.transfer_guard("allow"):
-            self.latest.save(step, args=args, force=True)
-            if is_best:
-                self.best.save(step, args=args, force=True)
+            self.manager.save(step, args=args, force=True)
 
-    def _restore(self, manager: ocp.CheckpointManager, abstract_state: Any):
-        step = manager.latest_step()
+    def restore(self, abstract_state: Any, abstract_best: Any):
+        """(state, best, meta) of the last commit, or None."""
+        step = self.manager.latest_step()
         if step is None:
             return None
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         with jax.transfer_guard("allow"):
-            restored = manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-                ),
-            )
-        return restored["state"], dict(restored["meta"])
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_abstract(abstract_state)),
+                best=ocp.args.StandardRestore(_abstract(abstract_best)),
+                meta=ocp.args.JsonRestore()))
+        return restored["state"], restored["best"], dict(restored["meta"])
 
-    def restore_latest(self, abstract_state: Any):
-        """(state, meta) of the latest checkpoint, or None."""
-        return self._restore(self.latest, abstract_state)
-
-    def restore_best(self, abstract_state: Any):
-        """(state, meta) of the best checkpoint, or None."""
-        return self._restore(self.best, abstract_state)
+    def restore_best(self, abstract_best: Any):
+        """The best variables of the last commit (for prediction), or None."""
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        with jax.transfer_guard("allow"):
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                best=ocp.args.StandardRestore(_abstract(abstract_best))))
+        return restored["best"]
 
     def close(self) -> None:
-        self.latest.close()
-        self.best.close()
+        self.manager.close()
 
 
-def restore_best_params(directory: str | pathlib.Path, abstract_state: Any):
-    """The best checkpoint of a finished stage (for prediction)."""
+def restore_best_variables(directory: str | pathlib.Path, abstract_best: Any):
+    """The best variables of a finished stage (for prediction), or None."""
     ckpt = Checkpointer(directory)
     try:
-        found = ckpt.restore_best(abstract_state)
-        if found is None:
-            found = ckpt.restore_latest(abstract_state)
+        return ckpt.restore_best(abstract_best)
     finally:
         ckpt.close()
-    return found

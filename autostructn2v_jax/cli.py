@@ -154,9 +154,9 @@ def _cmd_train(args, overrides) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from autostructn2v_jax import pipeline
+    from autostructn2v_jax import inference
 
-    written = pipeline.predict_files(args.run, args.input, args.output, overwrite=args.overwrite,
+    written = inference.predict_files(args.run, args.input, args.output, overwrite=args.overwrite,
                                      axes=args.axes, output_dtype="float32" if args.float32 else "input",
                                      tta=args.tta, stage=args.stage)
     print(f"wrote {len(written)} file(s) to {args.output}")

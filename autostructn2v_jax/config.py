@@ -16,8 +16,7 @@ import ml_collections
 
 from autostructn2v_jax.errors import ConfigError, UserInputError
 
-FORMAT_VERSION = 1
-STRATEGIES = ("local_mean", "zero", "random")
+FORMAT_VERSION = 2  # 2: one checkpoint per epoch holding state, best variables and history
 MASK_SOURCES = ("stage1", "stage1_residual", "file", "extractor")
 
 
@@ -178,6 +177,8 @@ def _bool(cfg, key: str, prefix: str) -> None:
 
 
 def validate_stage(stage: ml_collections.ConfigDict, name: str) -> None:
+    from autostructn2v_jax import masking, models
+
     p = f"{name}."
     for key in ("patch_size", "batch_size", "features", "num_layers", "patches_per_image",
                 "num_val_patches", "steps_per_dispatch", "predict_tile_size"):
@@ -189,27 +190,25 @@ def validate_stage(stage: ml_collections.ConfigDict, name: str) -> None:
     pct = stage.mask_percentage
     _check(_is_number(pct) and 0 < pct <= 50, p + "mask_percentage", f"must be in (0, 50], got {pct!r}")
     strat = stage.replacement_strategy
-    _check(strat in STRATEGIES or strat in (0, 1, 2), p + "replacement_strategy",
-           f"must be one of {STRATEGIES} (or 0, 1, 2), got {strat!r}")
+    _check(strat in masking.STRATEGIES or strat in range(len(masking.STRATEGIES)),
+           p + "replacement_strategy",
+           f"must be one of {masking.STRATEGIES} (or their index), got {strat!r}")
     thr = stage.roi_threshold
     _check(_is_number(thr) and 0 <= thr <= 1, p + "roi_threshold", f"must be in [0, 1], got {thr!r}")
     sf = stage.scale_factor
     _check(_is_number(sf) and 0 < sf <= 1, p + "scale_factor", f"must be in (0, 1], got {sf!r}")
     _check(stage.num_layers <= 6, p + "num_layers", f"must be <= 6, got {stage.num_layers}")
+    models.check_patch_size(stage.patch_size, stage.num_layers, p + "patch_size")
     div = 2 ** stage.num_layers
-    _check(stage.patch_size % div == 0 and stage.patch_size >= 2 * div, p + "patch_size",
-           f"must be a multiple of 2**num_layers = {div} and at least {2 * div}, got {stage.patch_size}")
     _check(stage.predict_tile_size % div == 0, p + "predict_tile_size",
            f"must be a multiple of 2**num_layers = {div}, got {stage.predict_tile_size}")
     if "mask_center_size" in stage:
-        cs = stage.mask_center_size
-        _check(_is_int(cs) and cs >= 1 and cs % 2 == 1, p + "mask_center_size",
-               f"must be an odd integer >= 1, got {cs!r}")
+        masking.check_center_size(stage.mask_center_size, p + "mask_center_size")
 
 
 def validate_config(cfg: ml_collections.ConfigDict, *, need_io: bool = True) -> None:
     """Raise ConfigError naming the first invalid key."""
-    from autostructn2v_jax import structure
+    from autostructn2v_jax import preprocess, structure
 
     if need_io:
         _check(bool(cfg.input_dir), "input_dir", "is required (--config.input_dir=DIR)")
@@ -219,10 +218,7 @@ def validate_config(cfg: ml_collections.ConfigDict, *, need_io: bool = True) -> 
     _check(cfg.run_stage1 or cfg.run_stage2, "run_stage1", "at least one of run_stage1/run_stage2 must be true")
     _check(_is_int(cfg.random_seed) and cfg.random_seed >= 0, "random_seed",
            f"must be an integer >= 0, got {cfg.random_seed!r}")
-    ratio = tuple(cfg.split_ratio)
-    _check(len(ratio) == 3 and all(_is_number(r) and r >= 0 for r in ratio) and ratio[0] > 0
-           and abs(sum(ratio) - 1.0) < 1e-6, "split_ratio",
-           f"must be three non-negative numbers summing to 1 with train > 0, got {ratio!r}")
+    preprocess.check_split_ratio(cfg.split_ratio)
     for key in ("num_epochs", "early_stopping_patience", "lr_plateau_patience"):
         _positive_int(cfg, key, "")
     _check(_is_number(cfg.early_stopping_min_delta) and cfg.early_stopping_min_delta >= 0,

@@ -20,7 +20,21 @@ import numpy as np
 from autostructn2v_jax.errors import ConfigError
 
 Strategy = Union[int, str]
-_STRATEGIES = {"local_mean": 0, "zero": 1, "random": 2}
+#: Replacement strategies by id: 0 = mean of the unmasked 3x3 neighbours, 1 = zero, 2 = a random
+#: unmasked value of the patch.
+STRATEGIES = ("local_mean", "zero", "random")
+_STRATEGIES = {name: i for i, name in enumerate(STRATEGIES)}
+
+
+def check_center_size(center_size, key: str) -> None:
+    """Raise ``ConfigError(key, ...)`` unless ``center_size`` is an odd integer >= 1 (a blind-spot
+    block needs a centre pixel)."""
+    if isinstance(center_size, bool) or not isinstance(center_size, (int, np.integer)):
+        raise ConfigError(key, f"must be an integer, got {center_size!r}")
+    if center_size < 1:
+        raise ConfigError(key, f"must be >= 1, got {center_size}")
+    if center_size % 2 == 0:
+        raise ConfigError(key, f"must be odd so the kernel has a centre pixel, got {center_size}")
 
 
 def stage1_kernel(center_size: int) -> np.ndarray:
@@ -28,15 +42,7 @@ def stage1_kernel(center_size: int) -> np.ndarray:
 
     The border keeps the array odd-sided with the blind-spot block centred on the centre pixel.
     """
-    if isinstance(center_size, bool) or not isinstance(center_size, (int, np.integer)):
-        raise ConfigError("stage1.mask_center_size", f"must be an integer, got {center_size!r}")
-    if center_size < 1:
-        raise ConfigError("stage1.mask_center_size", f"must be >= 1, got {center_size}")
-    if center_size % 2 == 0:
-        raise ConfigError(
-            "stage1.mask_center_size",
-            f"must be odd so the kernel has a centre pixel, got {center_size}",
-        )
+    check_center_size(center_size, "stage1.mask_center_size")
     k = np.zeros((center_size + 2, center_size + 2), dtype=bool)
     k[1:-1, 1:-1] = True
     return k

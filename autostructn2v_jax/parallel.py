@@ -4,7 +4,8 @@ The train state and the image bank are replicated; each step's batch of patches 
 be split over the `data` axis, and XLA (GSPMD) partitions the rest, including the BatchNorm
 statistics, which are reduced over the global batch. Multi-host: call `initialize_distributed()`
 (`jax.distributed.initialize`) in every process before anything else; every process reads the same
-images and draws the same keys, so the global batch is identical everywhere.
+images and draws the same keys, so the global batch is identical everywhere; only the main
+process (`is_main_process`) writes host-side files.
 """
 
 from __future__ import annotations
@@ -30,6 +31,15 @@ def initialize_distributed() -> None:
         jax.distributed.initialize(**kwargs)  # the address comes from JAX_COORDINATOR_ADDRESS
         log.info("process %d of %d, %d global devices", jax.process_index(), jax.process_count(),
                  jax.device_count())
+
+
+def is_main_process() -> bool:
+    """True in the process that writes host-side files (metrics, TIFFs, JSON, report, masks).
+
+    Every process computes the same results (same images, same keys); only process 0 writes them,
+    so a shared run folder gets each file once. Orbax coordinates checkpoint writes itself.
+    """
+    return jax.process_index() == 0
 
 
 def data_mesh(batch_size: int) -> Mesh:

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from autostructn2v_jax import config as config_lib
-from autostructn2v_jax import files, masking, models, predict, preprocess, sampling, stream, structure, synth, tiffio, train
+from autostructn2v_jax import files, inference, masking, parallel, preprocess, sampling, structure, synth, tiffio, train
 from autostructn2v_jax.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,15 @@ class Dataset:
     def flat(self) -> list[np.ndarray]:
         return [p for planes in self.normed for p in planes]
 
+    def restore(self, i: int, outputs: list[np.ndarray]) -> np.ndarray:
+        """Normalised outputs of file `i`'s planes back in its intensity units, `(P, H, W)`."""
+        return np.stack([preprocess.denormalize(o, s) for o, s in zip(outputs, self.stats[i])])
+
 
 def write_text_atomic(path: pathlib.Path, text: str) -> None:
+    """A run-folder text file, written by the main process only (see `parallel.is_main_process`)."""
+    if not parallel.is_main_process():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     files.atomic_write_text(path, text)
 
@@ -73,49 +80,21 @@ def split_planes(ds: Dataset, cfg, patch_size: int):
     return [planes[i] for i in train_idx], [planes[i] for i in val_idx], [planes[i] for i in test_idx]
 
 
-class StageModel:
-    """A trained stage: its variables and a tiled predictor for whole images."""
-
-    def __init__(self, variables: dict, stage_cfg, tta: bool = False):
-        self.variables = variables
-        self.num_layers = int(stage_cfg.num_layers)
-        self.features = int(stage_cfg.features)
-        self.tile_size = int(stage_cfg.predict_tile_size)
-        self.tta = tta
-        self.apply_fn = models.make_apply_fn(self.features, self.num_layers)
-
-    def __call__(self, plane: np.ndarray) -> np.ndarray:
-        # A small image gets a smaller tile (no wasted compute); images of at least the configured
-        # tile share one compiled shape.
-        auto = predict.tile_plan(plane.shape, self.num_layers)
-        tile = min(self.tile_size, auto.tile) if self.tile_size > 2 * auto.halo + 2 ** self.num_layers else auto.tile
-        plan = predict.tile_plan(plane.shape, self.num_layers, tile)
-        batch = max(1, min(8, plan.ny * plan.nx))
-        return predict.predict_image(self.variables, plane, apply_fn=self.apply_fn, num_layers=self.num_layers,
-                                     tile_size=tile, batch_tiles=batch, tta=self.tta)
-
-
-def denoise_dataset(model: StageModel, ds: Dataset, out_dir: pathlib.Path, cfg, *,
+def denoise_dataset(model: inference.StageModel, ds: Dataset, out_dir: pathlib.Path, cfg, *,
                     inputs: list[list[np.ndarray]] | None = None, overwrite: bool = True) -> list[list[np.ndarray]]:
-    """Denoise every plane (normalised space), write TIFFs in the input's units; return normed outputs."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Denoise every plane (normalised space); the main process writes the TIFFs in the input's
+    units. Returns the normalised outputs (in every process)."""
+    write = parallel.is_main_process()
     dtype = None if cfg.output_dtype == "input" else "float32"
     results = []
     for i, path in enumerate(ds.paths):
         planes_in = inputs[i] if inputs is not None else ds.normed[i]
         outs = [model(p) for p in planes_in]
         results.append(outs)
-        restored = np.stack([preprocess.denormalize(o, s) for o, s in zip(outs, ds.stats[i])])
-        tiffio.write_image(out_dir / path.name, restored, ds.meta[i], dtype=dtype, overwrite=overwrite)
+        if write:
+            tiffio.write_image(out_dir / path.name, ds.restore(i, outs), ds.meta[i], dtype=dtype,
+                               overwrite=overwrite)
     return results
-
-
-def _stage_model_json(stage_dir: pathlib.Path, stage_cfg, kernel: np.ndarray, name: str) -> None:
-    write_text_atomic(stage_dir / "model.json", json.dumps(dict(
-        format_version=config_lib.FORMAT_VERSION, stage=name, features=int(stage_cfg.features),
-        num_layers=int(stage_cfg.num_layers), patch_size=int(stage_cfg.patch_size),
-        predict_tile_size=int(stage_cfg.predict_tile_size), kernel=np.asarray(kernel, int).tolist(),
-    ), indent=2))
 
 
 def _structure_bank(planes: list[np.ndarray], ext_cfg) -> tuple[sampling.ImageBank, int]:
@@ -194,8 +173,6 @@ def find_mask(cfg, ds: Dataset, train_planes_for_acf: list[np.ndarray], run_dir:
     `mask_file`: the already loaded and validated mask for `mask_source="file"` (loaded before the
     run folder is written, so a bad mask file leaves nothing behind)."""
     s2 = cfg.stage2
-    mask_dir = run_dir / "mask"
-    mask_dir.mkdir(parents=True, exist_ok=True)
     info: dict = {"source": s2.mask_source}
     if s2.mask_source == "file":
         mask = mask_file if mask_file is not None else structure.load_mask_file(s2.mask_file_path)
@@ -205,11 +182,23 @@ def find_mask(cfg, ds: Dataset, train_planes_for_acf: list[np.ndarray], run_dir:
         check_kernel_fits(mask, int(s2.patch_size), "config stage2.extractor.center_size")
         info.update(extracted)
         info["highpass_sigma"] = float(ext.highpass_sigma)
-        acf = np.asarray(extracted["acf_crop"], np.float32)
+    info["summary"] = structure.mask_summary(mask)
+    if parallel.is_main_process():
+        _write_mask_dir(run_dir / "mask", mask, info, cfg)
+    log.info("stage 2 structural mask (%s): %s", s2.mask_source, info["summary"])
+    if mask.sum() == 1:
+        log.info("no structure found: stage 2 trains as plain N2V with the stage-2 settings")
+    return mask, info
+
+
+def _write_mask_dir(mask_dir: pathlib.Path, mask: np.ndarray, info: dict, cfg) -> None:
+    """`mask/`: the mask, the autocorrelation it came from, a figure and `extraction.json`."""
+    s2 = cfg.stage2
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    if "acf_crop" in info:
+        acf = np.asarray(info["acf_crop"], np.float32)
         files.atomic_write(mask_dir / "autocorrelation.npy", lambda f: np.save(f, acf), ".npy")
     structure.save_mask(mask_dir / "structural_mask.npy", mask)
-    summary = structure.mask_summary(mask)
-    info["summary"] = summary
     tiled, _ = masking.tile_mask(jax.random.key(int(cfg.random_seed)), mask,
                                  (int(s2.patch_size),) * 2, float(s2.mask_percentage))
     try:
@@ -217,10 +206,6 @@ def find_mask(cfg, ds: Dataset, train_planes_for_acf: list[np.ndarray], run_dir:
     except Exception as err:  # a figure must never cost a run
         log.warning("could not draw mask figure: %s", err)
     write_text_atomic(mask_dir / "extraction.json", json.dumps(_jsonable(info), indent=2))
-    log.info("stage 2 structural mask (%s): %s", s2.mask_source, summary)
-    if mask.sum() == 1:
-        log.info("no structure found: stage 2 trains as plain N2V with the stage-2 settings")
-    return mask, info
 
 
 def _jsonable(obj):
@@ -276,20 +261,15 @@ def load_clean_references(cfg, ds: Dataset) -> list[np.ndarray] | None:
     return refs
 
 
-def _psnr_table(cfg, ds: Dataset, outputs: dict[str, list[list[np.ndarray]]],
+def _psnr_table(ds: Dataset, outputs: dict[str, list[list[np.ndarray]]],
                 refs: list[np.ndarray] | None) -> dict | None:
+    """PSNR of the noisy inputs and every stage's outputs against the clean references."""
     if refs is None:
         return None
-    table: dict[str, dict[str, float]] = {}
-    for i, path in enumerate(ds.paths):
-        ref = refs[i]
-        row = {"noisy": synth.psnr(ref, ds.raw[i].astype(np.float32))}
-        for stage, outs in outputs.items():
-            restored = np.stack([preprocess.denormalize(o, s) for o, s in zip(outs[i], ds.stats[i])])
-            row[stage] = synth.psnr(ref, restored)
-        table[path.name] = row
-    means = {k: float(np.mean([r[k] for r in table.values()])) for k in next(iter(table.values()))}
-    return {"per_image": table, "mean": means}
+    return synth.psnr_table(
+        (path.name, refs[i], {"noisy": ds.raw[i].astype(np.float32),
+                              **{stage: ds.restore(i, outs[i]) for stage, outs in outputs.items()}})
+        for i, path in enumerate(ds.paths))
 
 
 def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> dict:
@@ -318,8 +298,8 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
         train_p, val_p, _ = split_planes(ds, cfg, int(s1.patch_size))
         result = train.train_stage(train_p, val_p, s1, cfg, kernel, run_dir / "stage1", name="stage1",
                                    progress=(lambda r: progress("stage1", r)) if progress else None)
-        _stage_model_json(run_dir / "stage1", s1, kernel, "stage1")
-        model = StageModel(result.variables, s1)
+        inference.save_model_json(run_dir / "stage1", s1, kernel, "stage1")
+        model = inference.StageModel(result.variables, s1)
         stage1_out = denoise_dataset(model, ds, run_dir / "stage1" / "denoised", cfg)
         outputs["stage1"] = stage1_out
         summary["stages"]["stage1"] = dict(best_val_loss=result.best_val_loss, epochs=result.epochs_run,
@@ -340,8 +320,8 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
         kernel, info = find_mask(cfg, ds, acf_planes, run_dir, mask_file)
         result = train.train_stage(train_p, val_p, s2, cfg, kernel, run_dir / "stage2", name="stage2",
                                    progress=(lambda r: progress("stage2", r)) if progress else None)
-        _stage_model_json(run_dir / "stage2", s2, kernel, "stage2")
-        model = StageModel(result.variables, s2)
+        inference.save_model_json(run_dir / "stage2", s2, kernel, "stage2")
+        model = inference.StageModel(result.variables, s2)
         outputs["stage2"] = denoise_dataset(model, ds, run_dir / "stage2" / "denoised", cfg)
         summary["stages"]["stage2"] = dict(best_val_loss=result.best_val_loss, epochs=result.epochs_run,
                                            stopped_early=result.stopped_early, mask=info.get("summary"),
@@ -349,79 +329,13 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
         summary["outputs"]["stage2"] = str(run_dir / "stage2" / "denoised")
 
     summary["final"] = "stage2" if cfg.run_stage2 else "stage1"
-    summary["psnr"] = _psnr_table(cfg, ds, outputs, clean_refs)
+    summary["psnr"] = _psnr_table(ds, outputs, clean_refs)
     write_text_atomic(run_dir / "summary.json", json.dumps(_jsonable(summary), indent=2))
-    try:
-        from autostructn2v_jax import report
+    if parallel.is_main_process():
+        try:
+            from autostructn2v_jax import report
 
-        summary["report"] = str(report.write_report(run_dir))
-    except Exception as err:  # the report is a convenience: never lose a finished run over it
-        log.warning("could not write the run report: %s", err)
+            summary["report"] = str(report.write_report(run_dir))
+        except Exception as err:  # the report is a convenience: never lose a finished run over it
+            log.warning("could not write the run report: %s", err)
     return summary
-
-
-# --------------------------------------------------------------------------- prediction with a run
-
-
-def load_run(run_dir: str | os.PathLike, stage: str | None = None):
-    """(config, stage name, StageModel) of the last trained stage of a run folder."""
-    run_dir = pathlib.Path(run_dir)
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
-        raise UserInputError(f"{run_dir}: not a run folder (no config.json)")
-    cfg = config_lib.from_json(cfg_path.read_text())
-    names = [stage] if stage else ["stage2", "stage1"]
-    for name in names:
-        model_json = run_dir / name / "model.json"
-        if not model_json.is_file():
-            continue
-        meta = json.loads(model_json.read_text())
-        if meta.get("format_version") != config_lib.FORMAT_VERSION:
-            raise UserInputError(f"{model_json}: run folder from an incompatible version "
-                                 f"(format {meta.get('format_version')}, expected {config_lib.FORMAT_VERSION})")
-        variables = train.load_stage_variables(run_dir / name, meta["features"], meta["num_layers"],
-                                               meta["patch_size"])
-        if variables is None:
-            raise UserInputError(f"{run_dir / name / 'checkpoints'}: no checkpoint found")
-        return cfg, name, StageModel(variables, cfg[name])
-    raise UserInputError(f"{run_dir}: no trained stage found (no stage1/ or stage2/ model.json)")
-
-
-def predict_files(run_dir, input_path, output_dir, *, overwrite: bool = False, axes: str = "",
-                  output_dtype: str = "input", tta: bool = False, stage: str | None = None) -> list[pathlib.Path]:
-    """Denoise a TIFF file or a folder of TIFFs with a trained run; return the written paths."""
-    cfg, name, model = load_run(run_dir, stage)
-    model.tta = tta
-    input_path = pathlib.Path(input_path)
-    paths = [input_path] if input_path.is_file() else tiffio.list_tiffs(input_path)
-    out_dir = pathlib.Path(output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserInputError(f"{out_dir}: output exists and is not a folder")
-    dtype = None if output_dtype == "input" else "float32"
-    written = []
-    for path in paths:
-        target = out_dir / path.name
-        if target.exists() and not overwrite:
-            raise UserInputError(f"{target}: exists; pass --overwrite to replace it")
-    # Large grey files stream strip by strip (memory bounded by a strip, not the image).
-    large = {path for path in paths if not axes and stream.is_large(path)}
-    # Read (and so validate) every other input before writing anything: a bad file leaves no
-    # partial output.
-    images = {path: tiffio.read_image(path, axes or None) for path in paths if path not in large}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for path in paths:
-        if path in large:
-            stream.denoise_tiff(model.variables, path, out_dir / path.name, apply_fn=model.apply_fn,
-                                num_layers=model.num_layers, tile_size=model.tile_size, dtype=dtype,
-                                overwrite=overwrite, tta=tta)
-            written.append(out_dir / path.name)
-            continue
-        planes, meta = images[path]
-        outs = []
-        for plane in planes:
-            normed, stats = preprocess.normalize(plane)
-            outs.append(preprocess.denormalize(model(normed), stats))
-        tiffio.write_image(out_dir / path.name, np.stack(outs), meta, dtype=dtype, overwrite=overwrite)
-        written.append(out_dir / path.name)
-    log.info("%s: denoised %d file(s) with %s into %s", run_dir, len(written), name, out_dir)
-    return written

@@ -197,22 +197,15 @@ def compute_psnr(run: pathlib.Path, cfg: dict, clean: pathlib.Path) -> dict | No
 
     sources = _sources(run, cfg, None)
     axes = cfg.get("axes") or None
-    table = {}
-    for ref_path in tiffio.list_tiffs(clean):
-        ref = tiffio.read_image(ref_path, axes=axes)[0].astype(np.float32)
-        row = {}
-        for label, folder in sources:
-            if (folder / ref_path.name).is_file():
-                img = tiffio.read_image(folder / ref_path.name, axes=axes)[0].astype(np.float32)
-                if img.shape == ref.shape:
-                    row[label] = synth.psnr(ref, img)
-        if row:
-            table[ref_path.name] = row
-    if not table:
-        return None
-    keys = sorted({k for r in table.values() for k in r}, key=[s for s, _ in sources].index)
-    return {"per_image": table,
-            "mean": {k: float(np.mean([r[k] for r in table.values() if k in r])) for k in keys}}
+
+    def read(path: pathlib.Path) -> np.ndarray:
+        return tiffio.read_image(path, axes=axes)[0].astype(np.float32)
+
+    return synth.psnr_table(
+        (ref_path.name, read(ref_path),
+         {label: read(folder / ref_path.name) for label, folder in sources
+          if (folder / ref_path.name).is_file()})
+        for ref_path in tiffio.list_tiffs(clean))
 
 
 def _psnr_section(psnr: dict | None) -> str:

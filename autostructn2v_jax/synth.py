@@ -70,6 +70,23 @@ def psnr(reference: np.ndarray, image: np.ndarray, data_range: float | None = No
     return float("inf") if mse == 0 else 10.0 * np.log10(data_range**2 / mse)
 
 
+def psnr_table(rows) -> dict | None:
+    """``{"per_image": {name: {label: dB}}, "mean": {label: dB}}`` of ``rows`` of
+    ``(name, reference, {label: image})``; an image of another shape than its reference is left
+    out, a label's mean is over the images that have it. None when no PSNR was computed."""
+    table: dict[str, dict[str, float]] = {}
+    for name, ref, images in rows:
+        row = {label: psnr(ref, img) for label, img in images.items()
+               if np.shape(img) == np.shape(ref)}
+        if row:
+            table[name] = row
+    if not table:
+        return None
+    labels = list(dict.fromkeys(k for r in table.values() for k in r))
+    return {"per_image": table,
+            "mean": {k: float(np.mean([r[k] for r in table.values() if k in r])) for k in labels}}
+
+
 def write_demo_data(out_dir: str | os.PathLike, *, count: int = 4, size: int = 256,
                     case: str = "hcorr", seed: int = 0) -> pathlib.Path:
     """Write `noisy/` and `clean/` float32 TIFF pairs with the same names; return `out_dir`."""

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import pathlib
 import time
 from typing import Any, Callable, NamedTuple
@@ -27,8 +26,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
-from autostructn2v_jax import masking, models, parallel, sampling
-from autostructn2v_jax.checkpoint import Checkpointer
+from autostructn2v_jax import files, masking, models, parallel, policy, sampling
+from autostructn2v_jax.checkpoint import Checkpointer, restore_best_variables
 from autostructn2v_jax.errors import TrainingDivergedError
 
 log = logging.getLogger(__name__)
@@ -69,9 +68,7 @@ class StageSpec:
 
     @classmethod
     def from_config(cls, name: str, stage_cfg, kernel: np.ndarray) -> "StageSpec":
-        strategy = stage_cfg.replacement_strategy
-        if isinstance(strategy, int):
-            strategy = ("local_mean", "zero", "random")[strategy]
+        strategy = masking.STRATEGIES[masking.strategy_id(stage_cfg.replacement_strategy)]
         return cls(
             name=name,
             patch_size=int(stage_cfg.patch_size),
@@ -176,11 +173,11 @@ def make_val_set(key: jax.Array, bank: sampling.ImageBank, spec: StageSpec, coun
     n_batches = max(1, math.ceil(count / spec.batch_size))
 
     @jax.jit
-    def draw(key):
+    def draw(key, bank):  # the bank is an argument, not a compile-time constant
         keys = jax.random.split(key, n_batches)
         return jax.lax.map(lambda k: make_batch(k, bank, spec, augment=False, sharding=sharding), keys)
 
-    return draw(key)  # each (n_batches, B, P, P)
+    return draw(key, bank)  # each (n_batches, B, P, P)
 
 
 def make_eval_fn(apply_fn: Callable) -> Callable:
@@ -216,34 +213,19 @@ def init_state(spec: StageSpec, seed: int, learning_rate: float) -> TrainState:
 # --------------------------------------------------------------------------- host loop
 
 
-@dataclasses.dataclass
-class LoopState:
-    """Host-side loop bookkeeping (saved as JSON with every checkpoint)."""
-
-    epoch: int = 0
-    best_val_loss: float = math.inf
-    best_epoch: int = -1
-    epochs_without_improvement: int = 0
-    plateau_count: int = 0
-    plateau_best: float = math.inf
+def _write_metrics(path: pathlib.Path, history: list[dict]) -> None:
+    """`metrics.jsonl` from the committed history (main process only; see `parallel`)."""
+    if parallel.is_main_process():
+        files.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in history))
 
 
-def _append_jsonl(path: pathlib.Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+def _variables(state: TrainState) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def _truncate_metrics(path: pathlib.Path, last_epoch: int) -> None:
-    """Drop metric lines of epochs after the checkpoint we resume from (written before a kill)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("epoch", 0) <= last_epoch]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+def _copy(tree):
+    """A device copy (the train state's buffers are donated to the next step)."""
+    return jax.tree.map(jnp.copy, tree)
 
 
 def train_stage(
@@ -257,17 +239,23 @@ def train_stage(
     name: str,
     progress: Callable[[dict], None] | None = None,
 ) -> TrainResult:
-    """Train one stage on normalised float32 planes; resume from `workdir/checkpoints` if present."""
+    """Train one stage on normalised float32 planes; resume from `workdir/checkpoints` if present.
+
+    Each epoch ends with one all-or-nothing commit (`checkpoint.Checkpointer.save`: train state,
+    best variables, loop state and history), then `metrics.jsonl` is rewritten from that history;
+    a kill at any point resumes from the last commit and redoes the same draws.
+    """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     spec = StageSpec.from_config(name, stage_cfg, kernel)
+    policy_cfg = policy.Policy.from_config(general_cfg)
     mesh = parallel.data_mesh(spec.batch_size)
     replicated = parallel.replicated(mesh)
     batch_sharding = parallel.batch_sharding(mesh)
 
     def to_device(planes, use_roi):
         bank = sampling.make_bank(planes, spec.patch_size, use_roi, stage_cfg.roi_threshold,
-                              stage_cfg.scale_factor, stage_cfg.select_background)
+                                  stage_cfg.scale_factor, stage_cfg.select_background)
         return jax.device_put(bank, replicated)
 
     train_bank = to_device(train_planes, bool(stage_cfg.use_roi))
@@ -284,27 +272,24 @@ def train_stage(
                            int(stage_cfg.num_val_patches), batch_sharding)
     state = jax.device_put(init_state(spec, int(general_cfg.random_seed) + (0 if name == "stage1" else 1),
                                       float(stage_cfg.learning_rate)), replicated)
+    best = _copy(_variables(state))
 
     steps_per_epoch = max(1, len(train_planes) * int(stage_cfg.patches_per_image) // spec.batch_size)
     dispatches = max(1, math.ceil(steps_per_epoch / spec.steps_per_dispatch))
     metrics_path = workdir / "metrics.jsonl"
     ckpt = Checkpointer(workdir / "checkpoints")
-    loop = LoopState()
+    loop = policy.LoopState()
     history: list[dict] = []
-    restored = ckpt.restore_latest(state)
+    restored = ckpt.restore(state, best)
     if restored is not None:
-        state = jax.device_put(restored[0], replicated)
-        loop = LoopState(**restored[1]["loop"])
-        _truncate_metrics(metrics_path, loop.epoch)
+        state, best = jax.device_put(restored[:2], replicated)
+        loop = policy.LoopState(**restored[2]["loop"])
+        history = list(restored[2]["history"])
         log.info("%s: resuming after epoch %d (best val %.5g)", name, loop.epoch, loop.best_val_loss)
-    elif metrics_path.exists():
-        metrics_path.unlink()
-    if metrics_path.exists():
-        history = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+    _write_metrics(metrics_path, history)  # drops lines of an epoch whose commit did not happen
 
     num_epochs = int(general_cfg.num_epochs)
-    stopped_early = loop.epochs_without_improvement >= int(general_cfg.early_stopping_patience) \
-        and bool(general_cfg.early_stopping)
+    stopped_early = policy.should_stop(loop, policy_cfg)
     try:
         while loop.epoch < num_epochs and not stopped_early:
             t0 = time.perf_counter()
@@ -312,8 +297,7 @@ def train_stage(
             for _ in range(dispatches):
                 state, step_losses = train_fn(state, train_bank, train_root)
                 losses.append(step_losses)
-            variables = {"params": state.params, "batch_stats": state.batch_stats}
-            val_loss = eval_fn(variables, val_set)
+            val_loss = eval_fn(_variables(state), val_set)
             losses = np.concatenate(jax.device_get(losses))
             val_loss = float(jax.device_get(val_loss))
             elapsed = time.perf_counter() - t0
@@ -326,61 +310,37 @@ def train_stage(
                     f"kept the last good checkpoint in {workdir / 'checkpoints'}; "
                     f"try a lower {name}.learning_rate"
                 )
-            loop.epoch += 1
             lr = float(jax.device_get(state.learning_rate))
-            improved = val_loss < loop.best_val_loss * (1 - float(general_cfg.early_stopping_min_delta))
-            if improved:
-                loop.best_val_loss, loop.best_epoch = val_loss, loop.epoch
-                loop.epochs_without_improvement = 0
-            else:
-                loop.epochs_without_improvement += 1
-            # ReduceLROnPlateau on the masked validation loss.
-            if val_loss < loop.plateau_best * (1 - 1e-4):
-                loop.plateau_best, loop.plateau_count = val_loss, 0
-            else:
-                loop.plateau_count += 1
-                if loop.plateau_count >= int(general_cfg.lr_plateau_patience):
-                    state = state._replace(learning_rate=state.learning_rate * float(general_cfg.lr_plateau_factor))
-                    loop.plateau_count = 0
-                    log.info("%s: validation loss plateaued, learning rate -> %.3g", name,
-                             lr * float(general_cfg.lr_plateau_factor))
+            decision = policy.after_epoch(loop, val_loss, policy_cfg)
+            loop, stopped_early = decision.loop, decision.stop
+            if decision.improved:
+                best = _copy(_variables(state))
+            if decision.lr_factor != 1.0:
+                state = state._replace(learning_rate=state.learning_rate * decision.lr_factor)
+                log.info("%s: validation loss plateaued, learning rate -> %.3g", name,
+                         lr * decision.lr_factor)
             record = dict(
                 epoch=loop.epoch, step=step_now, train_loss=float(np.mean(losses)), val_loss=val_loss,
                 learning_rate=lr, seconds=elapsed,
                 patches_per_second=len(losses) * spec.batch_size / max(elapsed, 1e-9),
-                best=improved,
+                best=decision.improved,
             )
             history.append(record)
-            ckpt.save(step_now, state, {"loop": dataclasses.asdict(loop), "record": record}, is_best=improved)
-            _append_jsonl(metrics_path, record)
+            ckpt.save(step_now, state, best, {"loop": dataclasses.asdict(loop), "history": history})
+            _write_metrics(metrics_path, history)
             if progress is not None:
                 progress(record)
-            if bool(general_cfg.early_stopping) and \
-                    loop.epochs_without_improvement >= int(general_cfg.early_stopping_patience):
-                stopped_early = True
+            if stopped_early:
                 log.info("%s: early stopping after epoch %d (best epoch %d)", name, loop.epoch, loop.best_epoch)
-        best = ckpt.restore_best(state)
     finally:
         ckpt.close()
-    best_state = best[0] if best is not None else state
-    variables = jax.device_get({"params": best_state.params, "batch_stats": best_state.batch_stats})
-    return TrainResult(variables=variables, history=history, best_val_loss=loop.best_val_loss,
+    return TrainResult(variables=jax.device_get(best), history=history, best_val_loss=loop.best_val_loss,
                        epochs_run=loop.epoch, stopped_early=stopped_early)
 
 
 def load_stage_variables(workdir: str | pathlib.Path, features: int, num_layers: int, patch_size: int) -> dict:
-    """Best variables of a trained stage, for prediction."""
-    from autostructn2v_jax.checkpoint import restore_best_params
-
-    template = init_state(
-        StageSpec(name="x", patch_size=patch_size, batch_size=1, features=features,
-                  num_layers=num_layers, mask_percentage=1.0, strategy="zero",
-                  use_augmentation=False, steps_per_dispatch=1, kernel=((True,),)),
-        0, 1e-4,
-    )
-    abstract = jax.eval_shape(lambda: template)
-    found = restore_best_params(pathlib.Path(workdir) / "checkpoints", abstract)
-    if found is None:
-        return None
-    state = found[0]
-    return jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    """Best variables of a trained stage, for prediction (None without a checkpoint)."""
+    template = jax.eval_shape(lambda: models.init_variables(features, num_layers, patch_size, 0))
+    found = restore_best_variables(pathlib.Path(workdir) / "checkpoints",
+                                   {"params": template["params"], "batch_stats": template["batch_stats"]})
+    return None if found is None else jax.device_get(found)

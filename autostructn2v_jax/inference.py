@@ -1,0 +1,122 @@
+"""Using a trained run: the stage model (variables + tiled predictor), its `model.json`, loading a
+run folder, and denoising TIFF files with it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+
+import numpy as np
+
+from autostructn2v_jax import config as config_lib
+from autostructn2v_jax import files, models, parallel, predict, preprocess, stream, tiffio, train
+from autostructn2v_jax.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+
+class StageModel:
+    """A trained stage: its variables and a tiled predictor for whole images."""
+
+    def __init__(self, variables: dict, stage_cfg, tta: bool = False):
+        self.variables = variables
+        self.num_layers = int(stage_cfg.num_layers)
+        self.features = int(stage_cfg.features)
+        self.tile_size = int(stage_cfg.predict_tile_size)
+        self.tta = tta
+        self.apply_fn = models.make_apply_fn(self.features, self.num_layers)
+
+    def __call__(self, plane: np.ndarray) -> np.ndarray:
+        # A small image gets a smaller tile (no wasted compute); images of at least the configured
+        # tile share one compiled shape.
+        auto = predict.tile_plan(plane.shape, self.num_layers)
+        tile = min(self.tile_size, auto.tile) if self.tile_size > 2 * auto.halo + 2 ** self.num_layers else auto.tile
+        plan = predict.tile_plan(plane.shape, self.num_layers, tile)
+        batch = max(1, min(8, plan.ny * plan.nx))
+        return predict.predict_image(self.variables, plane, apply_fn=self.apply_fn, num_layers=self.num_layers,
+                                     tile_size=tile, batch_tiles=batch, tta=self.tta)
+
+    def denoise_planes(self, planes) -> np.ndarray:
+        """Raw ``(P, H, W)`` planes in, float32 ``(P, H, W)`` out in the same units: each plane is
+        normalised on its own, predicted and mapped back."""
+        outs = []
+        for plane in planes:
+            normed, stats = preprocess.normalize(plane)
+            outs.append(preprocess.denormalize(self(normed), stats))
+        return np.stack(outs).astype(np.float32)
+
+
+def save_model_json(stage_dir: pathlib.Path, stage_cfg, kernel: np.ndarray, name: str) -> None:
+    """`stage_dir/model.json`: what `load_run` needs to rebuild the stage's network."""
+    if not parallel.is_main_process():
+        return
+    files.atomic_write_text(stage_dir / "model.json", json.dumps(dict(
+        format_version=config_lib.FORMAT_VERSION, stage=name, features=int(stage_cfg.features),
+        num_layers=int(stage_cfg.num_layers), patch_size=int(stage_cfg.patch_size),
+        predict_tile_size=int(stage_cfg.predict_tile_size), kernel=np.asarray(kernel, int).tolist(),
+    ), indent=2))
+
+
+def load_run(run_dir: str | os.PathLike, stage: str | None = None):
+    """(config, stage name, StageModel) of the last trained stage of a run folder."""
+    run_dir = pathlib.Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise UserInputError(f"{run_dir}: not a run folder (no config.json)")
+    cfg = config_lib.from_json(cfg_path.read_text())
+    names = [stage] if stage else ["stage2", "stage1"]
+    for name in names:
+        model_json = run_dir / name / "model.json"
+        if not model_json.is_file():
+            continue
+        meta = json.loads(model_json.read_text())
+        if meta.get("format_version") != config_lib.FORMAT_VERSION:
+            raise UserInputError(f"{model_json}: run folder from an incompatible version "
+                                 f"(format {meta.get('format_version')}, expected {config_lib.FORMAT_VERSION})")
+        variables = train.load_stage_variables(run_dir / name, meta["features"], meta["num_layers"],
+                                               meta["patch_size"])
+        if variables is None:
+            raise UserInputError(f"{run_dir / name / 'checkpoints'}: no checkpoint found")
+        return cfg, name, StageModel(variables, cfg[name])
+    raise UserInputError(f"{run_dir}: no trained stage found (no stage1/ or stage2/ model.json)")
+
+
+def predict_files(run_dir, input_path, output_dir, *, overwrite: bool = False, axes: str = "",
+                  output_dtype: str = "input", tta: bool = False, stage: str | None = None) -> list[pathlib.Path]:
+    """Denoise a TIFF file or a folder of TIFFs with a trained run; return the written paths."""
+    cfg, name, model = load_run(run_dir, stage)
+    model.tta = tta
+    input_path = pathlib.Path(input_path)
+    paths = [input_path] if input_path.is_file() else tiffio.list_tiffs(input_path)
+    out_dir = pathlib.Path(output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserInputError(f"{out_dir}: output exists and is not a folder")
+    dtype = None if output_dtype == "input" else "float32"
+    written = []
+    for path in paths:
+        target = out_dir / path.name
+        if target.exists() and not overwrite:
+            raise UserInputError(f"{target}: exists; pass --overwrite to replace it")
+    # Large grey files stream strip by strip (memory bounded by a strip, not the image).
+    large = {path for path in paths if not axes and stream.is_large(path)}
+    # Read (and so validate) every other input before writing anything: a bad file leaves no
+    # partial output.
+    images = {path: tiffio.read_image(path, axes or None) for path in paths if path not in large}
+    if not parallel.is_main_process():  # the main process writes the files
+        return [out_dir / path.name for path in paths]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        if path in large:
+            stream.denoise_tiff(model.variables, path, out_dir / path.name, apply_fn=model.apply_fn,
+                                num_layers=model.num_layers, tile_size=model.tile_size, dtype=dtype,
+                                overwrite=overwrite, tta=tta)
+            written.append(out_dir / path.name)
+            continue
+        planes, meta = images[path]
+        tiffio.write_image(out_dir / path.name, model.denoise_planes(planes), meta, dtype=dtype,
+                           overwrite=overwrite)
+        written.append(out_dir / path.name)
+    log.info("%s: denoised %d file(s) with %s into %s", run_dir, len(written), name, out_dir)
+    return written

@@ -1,0 +1,90 @@
+"""The end-of-epoch policy: best model, early stopping and learning-rate plateaus.
+
+A pure function of the host-side loop state and the epoch's masked validation loss
+(:func:`after_epoch`), so the rules can be tested without training and a resumed run takes exactly
+the decisions an uninterrupted one would (the loop state is saved with every checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+#: Relative decrease of the validation loss that resets the plateau counter (ReduceLROnPlateau's
+#: default threshold).
+PLATEAU_THRESHOLD = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopState:
+    """Host-side loop bookkeeping (saved as JSON with every checkpoint)."""
+
+    epoch: int = 0
+    best_val_loss: float = math.inf
+    best_epoch: int = -1
+    epochs_without_improvement: int = 0
+    plateau_count: int = 0
+    plateau_best: float = math.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """The settings of :func:`after_epoch` (from the top-level config keys of the same names)."""
+
+    early_stopping: bool = True
+    early_stopping_patience: int = 10
+    early_stopping_min_delta: float = 1e-4  # relative
+    lr_plateau_patience: int = 5
+    lr_plateau_factor: float = 0.5
+
+    @classmethod
+    def from_config(cls, cfg) -> "Policy":
+        return cls(early_stopping=bool(cfg.early_stopping),
+                   early_stopping_patience=int(cfg.early_stopping_patience),
+                   early_stopping_min_delta=float(cfg.early_stopping_min_delta),
+                   lr_plateau_patience=int(cfg.lr_plateau_patience),
+                   lr_plateau_factor=float(cfg.lr_plateau_factor))
+
+
+class Decision(NamedTuple):
+    """What the loop does after an epoch."""
+
+    loop: LoopState  # the new loop state (epoch counted)
+    improved: bool  # a new best model: keep these variables
+    lr_factor: float  # multiply the learning rate by this (1.0: unchanged)
+    stop: bool  # early stopping: no further epoch
+
+
+def should_stop(loop: LoopState, policy: Policy) -> bool:
+    """Early stopping has fired for this loop state (also used when resuming)."""
+    return policy.early_stopping and loop.epochs_without_improvement >= policy.early_stopping_patience
+
+
+def after_epoch(loop: LoopState, val_loss: float, policy: Policy) -> Decision:
+    """Count the epoch and apply the rules to its validation loss.
+
+    * improvement: ``val_loss < best * (1 - early_stopping_min_delta)``; it resets the early-stopping
+      counter, otherwise the counter grows;
+    * plateau: ``val_loss < plateau_best * (1 - PLATEAU_THRESHOLD)`` resets the plateau counter;
+      otherwise it grows, and when it reaches ``lr_plateau_patience`` the learning rate is
+      multiplied by ``lr_plateau_factor`` and the counter restarts;
+    * stop when early stopping is on and the counter reached ``early_stopping_patience``.
+    """
+    epoch = loop.epoch + 1
+    improved = val_loss < loop.best_val_loss * (1 - policy.early_stopping_min_delta)
+    if improved:
+        best, best_epoch, without = val_loss, epoch, 0
+    else:
+        best, best_epoch, without = loop.best_val_loss, loop.best_epoch, loop.epochs_without_improvement + 1
+    lr_factor = 1.0
+    if val_loss < loop.plateau_best * (1 - PLATEAU_THRESHOLD):
+        plateau_best, plateau_count = val_loss, 0
+    else:
+        plateau_best, plateau_count = loop.plateau_best, loop.plateau_count + 1
+        if plateau_count >= policy.lr_plateau_patience:
+            lr_factor, plateau_count = policy.lr_plateau_factor, 0
+    new = LoopState(epoch=epoch, best_val_loss=best, best_epoch=best_epoch,
+                    epochs_without_improvement=without, plateau_count=plateau_count,
+                    plateau_best=plateau_best)
+    return Decision(new, improved, lr_factor, should_stop(new, policy))
