@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 
 import numpy as np
+import pytest
 
 import autostructn2v_jax as asn2v
 from autostructn2v_jax import synth
@@ -15,6 +16,7 @@ TINY = {"num_epochs": 1, "stage1.features": 8, "stage1.patch_size": 32, "stage1.
         "stage1.num_val_patches": 8, "stage1.predict_tile_size": 64}
 
 
+@pytest.mark.slow
 def test_five_line_job(tmp_path):
     synth.write_demo_data(tmp_path / "d", count=2, size=64, case="white", seed=0)
     cfg = asn2v.load_config(str(ROOT / "configs/stage1_only.py"), input_dir=str(tmp_path / "d" / "noisy"),

@@ -44,6 +44,7 @@ def test_validation_set_is_fixed_and_masked():
     assert identity_loss > 0.1
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tmp_path):
     planes, val = _planes(0), _planes(1, 1)
     kernel = masking.stage1_kernel(1)
@@ -61,6 +62,69 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert a == b  # bitwise-identical losses on CPU with the same seed
 
 
+class _Kill(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Two epochs without interruption: (variables, metrics lines)."""
+    work = tmp_path_factory.mktemp("ref")
+    result = train.train_stage(_planes(0), _planes(1, 1), _cfg(2).stage1, _cfg(2), masking.stage1_kernel(1),
+                               work, name="stage1")
+    return result.variables, (work / "metrics.jsonl").read_text().splitlines()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["before_checkpoint", "after_checkpoint", "after_metrics"])
+def test_interrupted_epoch_commit_resumes_consistently(where, uninterrupted, tmp_path, monkeypatch):
+    """An exception between any two writes of epoch 2's commit, then the same call again: the run
+    ends exactly like an uninterrupted one (metrics lines, best variables)."""
+    from autostructn2v_jax import checkpoint
+
+    real_save, real_metrics = checkpoint.Checkpointer.save, train._write_metrics
+
+    def save(self, step, state, best, meta):
+        epoch = meta["loop"]["epoch"]
+        if where == "before_checkpoint" and epoch == 2:
+            raise _Kill
+        real_save(self, step, state, best, meta)
+        if where == "after_checkpoint" and epoch == 2:
+            raise _Kill
+
+    def write_metrics(path, history):
+        real_metrics(path, history)
+        if where == "after_metrics" and len(history) == 2:
+            raise _Kill
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
+    monkeypatch.setattr(train, "_write_metrics", write_metrics)
+    args = (_planes(0), _planes(1, 1), _cfg(2).stage1, _cfg(2), masking.stage1_kernel(1), tmp_path)
+    with pytest.raises(_Kill):
+        train.train_stage(*args, name="stage1")
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    committed = 2 if where != "before_checkpoint" else 1
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, len(lines) + 1))
+    assert len(lines) <= committed  # never a metrics line without its checkpoint
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", real_save)
+    monkeypatch.setattr(train, "_write_metrics", real_metrics)
+    resumed = train.train_stage(*args, name="stage1")
+    ref_variables, ref_lines = uninterrupted
+    assert resumed.epochs_run == 2
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    strip = lambda line: {k: v for k, v in json.loads(line).items()  # noqa: E731
+                          if k not in ("seconds", "patches_per_second")}
+    assert [strip(line) for line in lines] == [strip(line) for line in ref_lines]
+    for x, y in zip(jax.tree.leaves(ref_variables), jax.tree.leaves(resumed.variables)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # prediction loads the same best variables from the committed checkpoint
+    loaded = train.load_stage_variables(tmp_path, 8, 2, 32)
+    for x, y in zip(jax.tree.leaves(ref_variables), jax.tree.leaves(loaded)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
 def test_nan_loss_stops_with_stage_and_step(tmp_path):
     planes = _planes(0)
     planes[0][5:60, 5:60] = np.inf  # every patch sees it
@@ -71,6 +135,7 @@ def test_nan_loss_stops_with_stage_and_step(tmp_path):
     assert not ckpts.exists() or not [p for p in ckpts.iterdir() if p.name.isdigit()]
 
 
+@pytest.mark.slow
 def test_no_recompilation_after_first_epoch(tmp_path):
     compiles = []
     epochs_seen = []
@@ -90,6 +155,7 @@ def test_no_recompilation_after_first_epoch(tmp_path):
     assert compiles and not [c for c in compiles if c in (1, 2)], compiles
 
 
+@pytest.mark.slow
 def test_early_stopping_and_plateau(tmp_path):
     cfg = _cfg(12, learning_rate=1e-6)
     cfg.early_stopping_patience, cfg.lr_plateau_patience = 2, 1
@@ -102,6 +168,7 @@ def test_early_stopping_and_plateau(tmp_path):
     assert result.history[0]["best"] and not any(h["best"] for h in result.history[1:])
 
 
+@pytest.mark.slow
 def test_train_step_learns_and_uses_fresh_masks():
     cfg = _cfg()
     spec = train.StageSpec.from_config("stage1", cfg.stage1, masking.stage1_kernel(1))
