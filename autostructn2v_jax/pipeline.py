@@ -1,4 +1,5 @@
-"""The four execution modes, composed from data, structure, train and predict.
+"""The four execution modes and the run folder (composed from tiffio, preprocess, structure, train
+and inference).
 
 1. full pipeline (`run_stage1`, `run_stage2`; the mask from the raw images by default, or from the
    stage-1 output with `stage2.mask_source` = stage1 / stage1_residual)

@@ -68,9 +68,9 @@ def denormalize(normed: np.ndarray, stats: dict) -> np.ndarray:
 def check_split_ratio(split_ratio) -> list[float]:
     """The ratio as 3 floats; ``ConfigError("split_ratio", ...)`` unless it is 3 finite
     non-negative numbers summing to 1 with train > 0 (the one place this rule is checked)."""
-    if isinstance(split_ratio, (str, bytes)) or any(isinstance(r, bool) for r in split_ratio):
-        raise ConfigError("split_ratio", f"must be 3 numbers (train, val, test), got {split_ratio!r}")
     try:
+        if isinstance(split_ratio, (str, bytes)) or any(isinstance(r, bool) for r in split_ratio):
+            raise TypeError
         ratios = [float(r) for r in split_ratio]
     except (TypeError, ValueError):
         raise ConfigError("split_ratio",

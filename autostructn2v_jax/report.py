@@ -43,20 +43,21 @@ def _read_metrics(path: pathlib.Path) -> list[dict]:
     return [by_epoch[k] for k in sorted(by_epoch)]
 
 
-def _pyplot():
-    """``matplotlib.pyplot`` on the non-interactive Agg backend."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def _figure(rows: int, cols: int, figsize: tuple[float, float]):
+    """A matplotlib ``(figure, axes[rows][cols])`` drawn with the Agg canvas, without pyplot: the
+    caller's backend (e.g. a notebook's inline figures) is left alone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, cols, squeeze=False)
 
 
 def _png_bytes(fig) -> bytes:
-    """Render a matplotlib figure to PNG bytes and close it."""
-    plt = _pyplot()
+    """Render a matplotlib figure to PNG bytes."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -123,13 +124,12 @@ def _mask_section(out, run, summary) -> str:
     if (mdir / "mask.png").is_file():
         payload = (mdir / "mask.png").read_bytes()
     elif (mdir / "structural_mask.npy").is_file():
-        plt = _pyplot()
         panels = [("structural mask", np.load(mdir / "structural_mask.npy").astype(float), "gray")]
         if (mdir / "autocorrelation.npy").is_file():
             acf = np.load(mdir / "autocorrelation.npy")
             if acf.ndim == 2 and acf.size:
                 panels.insert(0, ("autocorrelation", acf.astype(float), "magma"))
-        fig, axs = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
+        fig, axs = _figure(1, len(panels), (4 * len(panels), 4))
         for ax, (title, a, cmap) in zip(axs[0], panels):
             im = ax.imshow(a, cmap=cmap, interpolation="nearest")
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
@@ -147,13 +147,12 @@ def _curves_section(out, metrics: dict[str, list[dict]]) -> str:
     stages = [s for s in _STAGES if metrics.get(s)]
     if not stages:
         return ""
-    plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     def col(recs, key):
         return np.array([np.nan if r.get(key) is None else float(r[key]) for r in recs])
 
-    fig, axs = plt.subplots(len(stages), 2, figsize=(11, 3.2 * len(stages)), squeeze=False)
+    fig, axs = _figure(len(stages), 2, (11, 3.2 * len(stages)))
     for row, stage in zip(axs, stages):
         recs = metrics[stage]
         ep = col(recs, "epoch")

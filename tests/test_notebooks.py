@@ -36,7 +36,7 @@ def test_notebook_is_stripped(path):
 def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOSTRUCTN2V_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("AUTOSTRUCTN2V_NOTEBOOK_DIR", str(tmp_path))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")  # figures as outputs
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})
