@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _minutes_seconds(seconds: float) -> str:
+    seconds = max(int(round(seconds)), 0)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
 class _Progress:
     """A tqdm bar per stage showing epoch, losses and patches/s."""
 
@@ -101,9 +106,11 @@ class _Progress:
 
     def __call__(self, stage: str, record: dict) -> None:
         if not self.enabled:
-            log.info("%s epoch %d: loss %.5g val %.5g lr %.3g %.0f patches/s", stage, record["epoch"],
+            left = record.get("time_left_seconds")
+            log.info("%s epoch %d: loss %.5g val %.5g lr %.3g %.0f patches/s%s", stage, record["epoch"],
                      record["train_loss"], record["val_loss"], record["learning_rate"],
-                     record["patches_per_second"])
+                     record["patches_per_second"],
+                     "" if left is None else f", {_minutes_seconds(left)} left")
             return
         from tqdm import tqdm
 
@@ -112,8 +119,11 @@ class _Progress:
                 bar.close()
             self.bars[stage] = tqdm(total=self.total, desc=stage, unit="epoch", initial=record["epoch"] - 1)
         bar = self.bars[stage]
+        extra = {}
+        if "time_left_seconds" in record:
+            extra["left"] = _minutes_seconds(record["time_left_seconds"])
         bar.set_postfix(loss=f"{record['train_loss']:.4g}", val=f"{record['val_loss']:.4g}",
-                        pps=f"{record['patches_per_second']:.0f}")
+                        pps=f"{record['patches_per_second']:.0f}", **extra)
         bar.update(1)
 
     def close(self) -> None:

@@ -46,6 +46,7 @@ def _stage(**overrides: Any) -> ml_collections.ConfigDict:
             use_augmentation=True,
             steps_per_dispatch=10,
             predict_tile_size=256,
+            time_budget_minutes=0.0,
         )
     )
     cfg.update(overrides)
@@ -70,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.early_stopping_min_delta = 1e-4  # relative improvement of the masked validation loss
     cfg.lr_plateau_factor = 0.5
     cfg.lr_plateau_patience = 5
+    cfg.time_budget_minutes = 0.0  # 0: no limit; else split over the stages trained
+    cfg.lr_schedule = "auto"  # auto: cosine with a time budget, plateau without
+    cfg.warmup_fraction = 0.05
     cfg.run_stage1 = True
     cfg.run_stage2 = True
     cfg.stage1 = _stage(mask_center_size=1)
@@ -202,13 +206,15 @@ def validate_stage(stage: ml_collections.ConfigDict, name: str) -> None:
     div = 2 ** stage.num_layers
     _check(stage.predict_tile_size % div == 0, p + "predict_tile_size",
            f"must be a multiple of 2**num_layers = {div}, got {stage.predict_tile_size}")
+    _check(_is_number(stage.time_budget_minutes) and stage.time_budget_minutes >= 0,
+           p + "time_budget_minutes", f"must be a number of minutes >= 0, got {stage.time_budget_minutes!r}")
     if "mask_center_size" in stage:
         masking.check_center_size(stage.mask_center_size, p + "mask_center_size")
 
 
 def validate_config(cfg: ml_collections.ConfigDict, *, need_io: bool = True) -> None:
     """Raise ConfigError naming the first invalid key."""
-    from autostructn2v_jax import preprocess, structure
+    from autostructn2v_jax import policy, preprocess, structure
 
     if need_io:
         _check(bool(cfg.input_dir), "input_dir", "is required (--config.input_dir=DIR)")
@@ -225,6 +231,12 @@ def validate_config(cfg: ml_collections.ConfigDict, *, need_io: bool = True) -> 
            "early_stopping_min_delta", "must be a number >= 0")
     _check(_is_number(cfg.lr_plateau_factor) and 0 < cfg.lr_plateau_factor < 1, "lr_plateau_factor",
            f"must be in (0, 1), got {cfg.lr_plateau_factor!r}")
+    _check(_is_number(cfg.time_budget_minutes) and cfg.time_budget_minutes >= 0, "time_budget_minutes",
+           f"must be a number of minutes >= 0 (0 = no limit), got {cfg.time_budget_minutes!r}")
+    _check(cfg.lr_schedule in policy.LR_SCHEDULES, "lr_schedule",
+           f"must be one of {policy.LR_SCHEDULES}, got {cfg.lr_schedule!r}")
+    _check(_is_number(cfg.warmup_fraction) and 0 <= cfg.warmup_fraction < 1, "warmup_fraction",
+           f"must be in [0, 1), got {cfg.warmup_fraction!r}")
     _check(cfg.output_dtype in ("input", "float32"), "output_dtype",
            f"must be 'input' or 'float32', got {cfg.output_dtype!r}")
     _check(cfg.axes in ("", "YX", "SYX", "ZYX", "TYX", "CYX"), "axes",
@@ -286,6 +298,9 @@ DESCRIPTIONS = {
     "early_stopping_min_delta": "relative improvement that counts",
     "lr_plateau_factor": "learning rate factor on a validation plateau (ReduceLROnPlateau)",
     "lr_plateau_patience": "epochs without improvement before the learning rate is reduced",
+    "time_budget_minutes": "training time limit in minutes (0 = none). At the top level it is split over the stages trained (stage 1 half, stage 2 the rest); a stage's own value overrides its share. When it runs out the stage validates, keeps its best model, then predicts and reports",
+    "lr_schedule": "auto (cosine with a time budget, plateau without), plateau (ReduceLROnPlateau), cosine (warm-up then cosine to 0 over the budget or num_epochs)",
+    "warmup_fraction": "cosine schedule: fraction of the budget (or of the steps) spent warming the learning rate up from 0",
     "run_stage1": "train stage 1 (Noise2Void)",
     "run_stage2": "train stage 2 (structured Noise2Void)",
     "patch_size": "training patch side; a multiple of 2**num_layers",

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from autostructn2v_jax import config as config_lib
-from autostructn2v_jax import files, inference, masking, parallel, preprocess, sampling, structure, synth, tiffio, train
+from autostructn2v_jax import files, inference, masking, parallel, policy, preprocess, sampling, structure, synth, tiffio, train
 from autostructn2v_jax.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -293,18 +293,23 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
     outputs: dict[str, list[list[np.ndarray]]] = {}
 
     stage1_out = None
+    trained_seconds = 0.0  # training time so far: stage 2's budget is what the run has left
     if cfg.run_stage1:
         s1 = cfg.stage1
         kernel = masking.stage1_kernel(int(s1.mask_center_size))
         train_p, val_p, _ = split_planes(ds, cfg, int(s1.patch_size))
         result = train.train_stage(train_p, val_p, s1, cfg, kernel, run_dir / "stage1", name="stage1",
-                                   progress=(lambda r: progress("stage1", r)) if progress else None)
+                                   progress=(lambda r: progress("stage1", r)) if progress else None,
+                                   budget_seconds=policy.stage_budget_seconds(cfg, "stage1"))
+        trained_seconds += result.seconds
         inference.save_model_json(run_dir / "stage1", s1, kernel, "stage1")
         model = inference.StageModel(result.variables, s1)
         stage1_out = denoise_dataset(model, ds, run_dir / "stage1" / "denoised", cfg)
         outputs["stage1"] = stage1_out
         summary["stages"]["stage1"] = dict(best_val_loss=result.best_val_loss, epochs=result.epochs_run,
-                                           stopped_early=result.stopped_early)
+                                           stopped_early=result.stopped_early,
+                                           out_of_time=result.out_of_time,
+                                           train_seconds=round(result.seconds, 1))
         summary["outputs"]["stage1"] = str(run_dir / "stage1" / "denoised")
 
     if cfg.run_stage2:
@@ -320,12 +325,15 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
             acf_planes = ds.flat()
         kernel, info = find_mask(cfg, ds, acf_planes, run_dir, mask_file)
         result = train.train_stage(train_p, val_p, s2, cfg, kernel, run_dir / "stage2", name="stage2",
-                                   progress=(lambda r: progress("stage2", r)) if progress else None)
+                                   progress=(lambda r: progress("stage2", r)) if progress else None,
+                                   budget_seconds=policy.stage_budget_seconds(cfg, "stage2", trained_seconds))
         inference.save_model_json(run_dir / "stage2", s2, kernel, "stage2")
         model = inference.StageModel(result.variables, s2)
         outputs["stage2"] = denoise_dataset(model, ds, run_dir / "stage2" / "denoised", cfg)
         summary["stages"]["stage2"] = dict(best_val_loss=result.best_val_loss, epochs=result.epochs_run,
-                                           stopped_early=result.stopped_early, mask=info.get("summary"),
+                                           stopped_early=result.stopped_early,
+                                           out_of_time=result.out_of_time,
+                                           train_seconds=round(result.seconds, 1), mask=info.get("summary"),
                                            mask_pixels=int(np.asarray(kernel).sum()))
         summary["outputs"]["stage2"] = str(run_dir / "stage2" / "denoised")
 

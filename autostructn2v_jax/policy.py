@@ -88,3 +88,44 @@ def after_epoch(loop: LoopState, val_loss: float, policy: Policy) -> Decision:
                     epochs_without_improvement=without, plateau_count=plateau_count,
                     plateau_best=plateau_best)
     return Decision(new, improved, lr_factor, should_stop(new, policy))
+
+
+# --------------------------------------------------------------------------- time budget
+
+#: Share of a run's time budget that stage 1 gets when both stages train (stage 2 gets the rest,
+#: including whatever stage 1 did not use).
+STAGE1_BUDGET_SHARE = 0.5
+LR_SCHEDULES = ("auto", "plateau", "cosine")
+
+
+def stage_budget_seconds(cfg, name: str, used_seconds: float = 0.0) -> float | None:
+    """Training-time limit of stage ``name`` in seconds, or None for no limit.
+
+    A stage's own ``time_budget_minutes`` wins; otherwise the run's ``time_budget_minutes`` is
+    split: stage 1 gets ``STAGE1_BUDGET_SHARE`` of it when stage 2 also trains, stage 2 gets what
+    the run has left after ``used_seconds`` of earlier training (never less than zero).
+    """
+    own = float(cfg[name].time_budget_minutes)
+    if own > 0:
+        return 60.0 * own
+    total = float(cfg.time_budget_minutes)
+    if total <= 0:
+        return None
+    if name == "stage1":
+        return 60.0 * total * (STAGE1_BUDGET_SHARE if cfg.run_stage2 else 1.0)
+    return max(60.0 * total - used_seconds, 0.0)
+
+
+def uses_cosine(schedule: str, has_budget: bool) -> bool:
+    """``auto`` means cosine when the stage has a time budget, plateaus otherwise."""
+    return schedule == "cosine" or (schedule == "auto" and has_budget)
+
+
+def warmup_cosine(progress: float, warmup: float) -> float:
+    """Learning-rate factor at ``progress`` in [0, 1] of the run: a linear warm-up over the first
+    ``warmup`` fraction, then a half cosine from 1 down to 0 at ``progress = 1``."""
+    progress = min(max(float(progress), 0.0), 1.0)
+    if warmup > 0 and progress < warmup:
+        return progress / warmup
+    rest = (progress - warmup) / max(1.0 - warmup, 1e-12)
+    return 0.5 * (1.0 + math.cos(math.pi * rest))

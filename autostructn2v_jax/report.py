@@ -185,9 +185,12 @@ def _timings_section(metrics: dict[str, list[dict]]) -> str:
     for stage, recs in metrics.items():
         if recs:
             pps = [float(r["patches_per_second"]) for r in recs if r.get("patches_per_second") is not None]
+            left = recs[-1].get("time_left_seconds")
+            stop = "-" if left is None else ("budget used" if left <= 0 else f"{left:.0f} s of budget left")
             rows.append([stage, len(recs), float(sum(float(r.get("seconds") or 0) for r in recs)),
-                         float(np.mean(pps)) if pps else None])
-    return "<h2>Timings</h2>" + _table(["stage", "epochs", "total s", "mean patches/s"], rows) if rows else ""
+                         float(np.mean(pps)) if pps else None, stop])
+    header = ["stage", "epochs", "total s", "mean patches/s", "time budget"]
+    return "<h2>Timings</h2>" + _table(header, rows) if rows else ""
 
 
 def compute_psnr(run: pathlib.Path, cfg: dict, clean: pathlib.Path) -> dict | None:

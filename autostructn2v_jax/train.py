@@ -90,6 +90,8 @@ class TrainResult:
     best_val_loss: float
     epochs_run: int
     stopped_early: bool
+    out_of_time: bool = False  # the stage's time budget ran out
+    seconds: float = 0.0  # training wall time of this call
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -238,8 +240,14 @@ def train_stage(
     *,
     name: str,
     progress: Callable[[dict], None] | None = None,
+    budget_seconds: float | None = None,
 ) -> TrainResult:
     """Train one stage on normalised float32 planes; resume from `workdir/checkpoints` if present.
+
+    With ``budget_seconds`` training stops when that much wall time has passed (checked after every
+    dispatch, with at most one dispatch in flight): the cut epoch is validated and committed like
+    any other, and the best model so far is returned. The cosine schedule (``lr_schedule``) runs
+    over ``max(elapsed / budget, step / total steps)``.
 
     Each epoch ends with one all-or-nothing commit (`checkpoint.Checkpointer.save`: train state,
     best variables, loop state and history), then `metrics.jsonl` is rewritten from that history;
@@ -290,13 +298,43 @@ def train_stage(
 
     num_epochs = int(general_cfg.num_epochs)
     stopped_early = policy.should_stop(loop, policy_cfg)
+    cosine = policy.uses_cosine(str(general_cfg.lr_schedule), budget_seconds is not None)
+    base_lr = float(stage_cfg.learning_rate)
+    total_steps = num_epochs * dispatches * spec.steps_per_dispatch
+    step_host = int(jax.device_get(state.step))
+    t_start = time.perf_counter()
+    out_of_time = False
+
+    def time_left() -> float | None:
+        return None if budget_seconds is None else budget_seconds - (time.perf_counter() - t_start)
+
+    def progress_fraction() -> float:
+        by_steps = step_host / max(total_steps, 1)
+        if budget_seconds is None:
+            return by_steps
+        return max(by_steps, (time.perf_counter() - t_start) / max(budget_seconds, 1e-9))
+
     try:
-        while loop.epoch < num_epochs and not stopped_early:
+        while loop.epoch < num_epochs and not stopped_early and not out_of_time:
             t0 = time.perf_counter()
             losses = []
             for _ in range(dispatches):
+                if cosine:  # a host-side scalar per dispatch: no device round trip
+                    lr_now = base_lr * policy.warmup_cosine(progress_fraction(),
+                                                            float(general_cfg.warmup_fraction))
+                    state = state._replace(learning_rate=jax.device_put(
+                        jnp.asarray(lr_now, jnp.float32), replicated))
+                if losses and budget_seconds is not None:
+                    losses[-1].block_until_ready()  # one dispatch in flight: the clock is honest
+                    if time_left() <= 0:
+                        out_of_time = True
+                        break
                 state, step_losses = train_fn(state, train_bank, train_root)
+                step_host += spec.steps_per_dispatch
                 losses.append(step_losses)
+            if budget_seconds is not None and not out_of_time:
+                jax.block_until_ready(losses)
+                out_of_time = time_left() <= 0
             val_loss = eval_fn(_variables(state), val_set)
             losses = np.concatenate(jax.device_get(losses))
             val_loss = float(jax.device_get(val_loss))
@@ -315,7 +353,7 @@ def train_stage(
             loop, stopped_early = decision.loop, decision.stop
             if decision.improved:
                 best = _copy(_variables(state))
-            if decision.lr_factor != 1.0:
+            if decision.lr_factor != 1.0 and not cosine:
                 state = state._replace(learning_rate=state.learning_rate * decision.lr_factor)
                 log.info("%s: validation loss plateaued, learning rate -> %.3g", name,
                          lr * decision.lr_factor)
@@ -325,17 +363,23 @@ def train_stage(
                 patches_per_second=len(losses) * spec.batch_size / max(elapsed, 1e-9),
                 best=decision.improved,
             )
+            if budget_seconds is not None:
+                record["time_left_seconds"] = max(time_left(), 0.0)
             history.append(record)
             ckpt.save(step_now, state, best, {"loop": dataclasses.asdict(loop), "history": history})
             _write_metrics(metrics_path, history)
             if progress is not None:
                 progress(record)
+            if out_of_time:
+                log.info("%s: time budget of %.1f min used after epoch %d; keeping the best model "
+                         "(epoch %d)", name, budget_seconds / 60, loop.epoch, loop.best_epoch)
             if stopped_early:
                 log.info("%s: early stopping after epoch %d (best epoch %d)", name, loop.epoch, loop.best_epoch)
     finally:
         ckpt.close()
     return TrainResult(variables=jax.device_get(best), history=history, best_val_loss=loop.best_val_loss,
-                       epochs_run=loop.epoch, stopped_early=stopped_early)
+                       epochs_run=loop.epoch, stopped_early=stopped_early, out_of_time=out_of_time,
+                       seconds=time.perf_counter() - t_start)
 
 
 def load_stage_variables(workdir: str | pathlib.Path, features: int, num_layers: int, patch_size: int) -> dict:

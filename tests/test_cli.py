@@ -8,6 +8,7 @@ epoch), so all runs share the same compiled shapes and the persistent compile ca
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import pickle
 import time
@@ -674,3 +675,20 @@ def test_run_folder_from_incompatible_version(tmp_path, capsys):
     rc, _, err = run_main(["predict", "--run", str(run), "--input", str(img), "--output", str(tmp_path / "o")], capsys)
     _assert_user_error(rc, err, "no_such_key")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_time_budget_stops_training_then_predicts_and_reports(tmp_path, data_dir, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="autostructn2v_jax")
+    run = tmp_path / "run"
+    argv = train_args("stage1_only.py", data_dir, run, "--config.num_epochs=500",
+                      "--config.time_budget_minutes=0.03")
+    rc, out, err = run_main([a for a in argv if a != "-q"], capsys)
+    assert rc == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    stage = summary["stages"]["stage1"]
+    assert stage["out_of_time"] is True and 1 <= stage["epochs"] < 500
+    assert any(" left" in r.getMessage() for r in caplog.records)  # progress shows the time left
+    assert all("time_left_seconds" in r for r in _metrics(run / "stage1"))
+    _check_outputs(run / "stage1" / "denoised", _tiffs(data_dir))
+    assert "budget used" in (run / "report" / "report.html").read_text()
