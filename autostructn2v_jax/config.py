@@ -17,7 +17,7 @@ import ml_collections
 from autostructn2v_jax.errors import ConfigError, UserInputError
 
 FORMAT_VERSION = 1
-STRATEGIES = ("local_mean", "zero", "random")
+STRATEGIES = ("local_mean", "zero", "random", "median")
 MASK_SOURCES = ("stage1", "stage1_residual", "file", "extractor")
 
 
@@ -301,7 +301,7 @@ DESCRIPTIONS = {
     "num_val_patches": "size of the fixed validation set (patches and masks drawn once)",
     "mask_percentage": "target percentage of hidden pixels per patch",
     "mask_center_size": "stage 1: side of the hidden centre block (odd)",
-    "replacement_strategy": "local_mean (0): mean of unmasked 3x3 neighbours; zero (1); random (2): a random unmasked value",
+    "replacement_strategy": "local_mean (0): mean of unmasked 3x3 neighbours; zero (1); random (2): a random unmasked value; median: median of unmasked 3x3 neighbours (N2V2)",
     "use_roi": "sample patches from regions of interest only",
     "roi_threshold": "ROI threshold on the smoothed, [0,1]-scaled thumbnail",
     "scale_factor": "thumbnail scale for the ROI map",

@@ -59,7 +59,7 @@ def test_overrides_parse_types():
     ("stage1.mask_center_size=2", "stage1.mask_center_size"),
     ("stage1.mask_percentage=0", "stage1.mask_percentage"),
     ("stage2.mask_percentage=80", "stage2.mask_percentage"),
-    ("stage1.replacement_strategy=median", "stage1.replacement_strategy"),
+    ("stage1.replacement_strategy=mode", "stage1.replacement_strategy"),
     ("stage1.learning_rate=-1", "stage1.learning_rate"),
     ("stage2.mask_source=magic", "stage2.mask_source"),
     ("split_ratio=(0.5,0.5,0.5)", "split_ratio"),
