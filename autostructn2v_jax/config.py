@@ -19,6 +19,7 @@ from autostructn2v_jax.errors import ConfigError, UserInputError
 FORMAT_VERSION = 1
 STRATEGIES = ("local_mean", "zero", "random", "median")
 MASK_SOURCES = ("stage1", "stage1_residual", "file", "extractor")
+POSTERIOR_MODES = ("off", "gaussian", "poisson_gaussian")  # "off" + posterior.NOISE_MODELS
 
 
 def extractor_config() -> ml_collections.ConfigDict:
@@ -71,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.early_stopping_min_delta = 1e-4  # relative improvement of the masked validation loss
     cfg.lr_plateau_factor = 0.5
     cfg.lr_plateau_patience = 5
+    cfg.posterior_mean = "off"  # posterior-mean final step on every prediction (posterior.py)
     cfg.run_stage1 = True
     cfg.run_stage2 = True
     cfg.stage1 = _stage(mask_center_size=1)
@@ -231,6 +233,8 @@ def validate_config(cfg: ml_collections.ConfigDict, *, need_io: bool = True) -> 
            f"must be in (0, 1), got {cfg.lr_plateau_factor!r}")
     _check(cfg.output_dtype in ("input", "float32"), "output_dtype",
            f"must be 'input' or 'float32', got {cfg.output_dtype!r}")
+    _check(cfg.posterior_mean in POSTERIOR_MODES, "posterior_mean",
+           f"must be one of {POSTERIOR_MODES}, got {cfg.posterior_mean!r}")
     _check(cfg.axes in ("", "YX", "SYX", "ZYX", "TYX", "CYX"), "axes",
            f"must be one of '', YX, SYX, ZYX, TYX, CYX; got {cfg.axes!r}")
     if cfg.run_stage1:
@@ -290,6 +294,7 @@ DESCRIPTIONS = {
     "early_stopping_min_delta": "relative improvement that counts",
     "lr_plateau_factor": "learning rate factor on a validation plateau (ReduceLROnPlateau)",
     "lr_plateau_patience": "epochs without improvement before the learning rate is reduced",
+    "posterior_mean": "final step after each stage's prediction: combine it with the noisy pixel itself (posterior mean, noise model estimated from the data): off, gaussian or poisson_gaussian",
     "run_stage1": "train stage 1 (Noise2Void)",
     "run_stage2": "train stage 2 (structured Noise2Void)",
     "patch_size": "training patch side; a multiple of 2**num_layers",

@@ -2,8 +2,8 @@
 
 A blind-spot network never sees the pixel it predicts, so its output ``mu`` estimates
 ``E[clean | neighbours]`` and throws away the observation ``y`` at that pixel. Treating the network
-output as a Gaussian prior ``clean ~ N(mu, s_p^2)`` and the noise as ``y | clean ~ N(clean, s_n^2)``,
-the posterior mean is the per-pixel Wiener combination
+output as a Gaussian prior ``clean ~ N(mu, s_p^2)`` and the noise as
+``y | clean ~ N(clean, s_n^2)``, the posterior mean is the per-pixel Wiener combination
 
     E[clean | neighbours, y] = mu + s_p^2 / (s_p^2 + s_n^2) * (y - mu).
 
@@ -11,20 +11,20 @@ the posterior mean is the per-pixel Wiener combination
 Poisson-Gaussian ``var = a * signal + b``). ``s_p^2``, the mean squared error of the prediction, is
 small in flat regions and large at edges and in texture; it is estimated from the residuals
 ``r = y - mu`` of all pixels with a similar *gradient energy of the prediction*: pixels are put
-into equal-count bins of that feature and ``s_p^2 = max(mean_bin(r^2) - mean_bin(s_n^2), 0)``, because
-``E[r^2] = s_p^2 + s_n^2`` when the prediction error is independent of the pixel's own noise. A bin
-holds hundreds of pixels, so the estimate is not dominated by the noise of ``r^2`` (a small window of
-neighbours is: its clipped average overestimates ``s_p^2`` in flat regions); the pixel itself is
-left out of its bin's mean, so its gain does not depend on its own noise.
+into equal-count bins of that feature and ``s_p^2 = max(mean_bin(r^2) - mean_bin(s_n^2), 0)``,
+because ``E[r^2] = s_p^2 + s_n^2`` when the prediction error is independent of the pixel's own
+noise. A bin holds hundreds of pixels, so the estimate is not dominated by the noise of ``r^2`` (a
+small window of neighbours is: its clipped average overestimates ``s_p^2`` in flat regions); the
+pixel itself is left out of its bin's mean, so its gain does not depend on its own noise.
 
 Assumptions. The prediction error is independent of the pixel's noise: a blind-spot network
 predicts without the pixel (training masks it; at inference the network does see it and passes
 a small fraction of it through, which the estimate then partly absorbs). Structured (correlated)
 noise: the step assumes the model's blind spot hides every pixel whose noise is correlated with the
-centre's (a stage-2 model with the structural mask). Then ``y - mu = prediction error + the pixel's
-own noise`` and ``s_n^2`` is the *total* noise variance at a pixel, which the residual-based estimate
-measures. A model that sees correlated neighbours (stage 1 on structured noise) has already absorbed
-part of the noise into ``mu``; the step then only sharpens and cannot remove that part.
+centre's (a stage-2 model with the structural mask). Then ``y - mu = prediction error + the
+pixel's own noise`` and ``s_n^2`` is the *total* noise variance at a pixel, which the residual-based
+estimate measures. A model that sees correlated neighbours (stage 1 on structured noise) has
+already absorbed part of the noise into ``mu``; the step then cannot remove that part.
 """
 
 from __future__ import annotations
@@ -56,19 +56,29 @@ class NoiseModel(NamedTuple):
 
 
 def _robust_var(r: np.ndarray) -> float:
-    """Variance from the median absolute deviation: insensitive to sparse large residuals (edges)."""
+    """Variance from the median absolute deviation: insensitive to sparse large residuals."""
     r = np.ravel(r)
     mad = np.median(np.abs(r - np.median(r)))
     return float((_MAD_TO_STD * mad) ** 2)
 
 
-def _highpass(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(y - mean of its 4 neighbours, 3x3 local mean), interior pixels only; for white noise of
-    variance s^2 the first has variance 1.25 s^2."""
-    c = y[1:-1, 1:-1]
-    four = (y[:-2, 1:-1] + y[2:, 1:-1] + y[1:-1, :-2] + y[1:-1, 2:]) / 4.0
-    local = (4.0 * four + c + y[:-2, :-2] + y[:-2, 2:] + y[2:, :-2] + y[2:, 2:]) / 9.0
-    return c - four, local
+def _plane_samples(y: np.ndarray, mu: np.ndarray | None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(noise samples, signal, flatness feature) of one plane, flattened.
+
+    With a prediction: the residual ``y - mu``, the signal ``mu`` and the gradient energy of ``mu``.
+    Without: ``(y - mean of its 4 neighbours) / sqrt(1.25)`` (variance s^2 for white noise of
+    variance s^2), the 3x3 mean as signal and its gradient energy; interior pixels only.
+    """
+    if mu is None:
+        c = y[1:-1, 1:-1]
+        four = (y[:-2, 1:-1] + y[2:, 1:-1] + y[1:-1, :-2] + y[1:-1, 2:]) / 4.0
+        mu = (4.0 * four + c + y[:-2, :-2] + y[:-2, 2:] + y[2:, :-2] + y[2:, 2:]) / 9.0
+        r = (c - four) / np.sqrt(1.25)
+    else:
+        r = y - mu
+    feature = np.asarray(_gradient_energy(jnp.asarray(mu, jnp.float32)))
+    return r.ravel(), mu.ravel(), feature.ravel()
 
 
 def estimate_noise(noisy, prediction=None, *, model: str = "gaussian", bins: int = 16,
@@ -78,12 +88,12 @@ def estimate_noise(noisy, prediction=None, *, model: str = "gaussian", bins: int
     With ``prediction`` (a blind-spot model's output): from the residuals ``noisy - prediction``,
     whose robust (MAD) spread is the pixel's total noise plus the usually much smaller, sparse
     prediction error; only the ``flat_fraction`` of pixels where the prediction's gradient energy
-    is lowest are used, where that error is smallest. Without it: from a 4-neighbour high-pass of ``noisy`` (valid for white noise
-    only: correlated noise has less high-frequency power and is underestimated).
-    ``model="poisson_gaussian"`` fits ``var = a * signal + b`` by weighted least squares to robust
-    variances in ``bins`` equal-count bins of the signal (the prediction, or a 3x3 mean); if the
-    fitted slope is not positive the Gaussian estimate is returned (these bins cover the kept flat
-    pixels only).
+    is lowest (where that error is smallest) are used. Without a prediction: from a 4-neighbour
+    high-pass of ``noisy`` (valid for white noise only: correlated noise has less high-frequency
+    power and is underestimated). ``model="poisson_gaussian"`` fits ``var = a * signal + b`` by
+    weighted least squares to robust variances in ``bins`` equal-count bins of the signal (the
+    prediction, or a 3x3 mean) of those pixels; if the fitted slope is not positive the Gaussian
+    estimate is returned.
     """
     if model not in NOISE_MODELS:
         raise ValueError(f"unknown noise model {model!r}; use one of {NOISE_MODELS}")
@@ -92,18 +102,15 @@ def estimate_noise(noisy, prediction=None, *, model: str = "gaussian", bins: int
         raise ValueError(f"estimate_noise needs images of at least 3x3 pixels, got shape {y.shape}")
     planes = y.reshape(-1, *y.shape[-2:])
     if prediction is None:
-        pairs = [_highpass(p) for p in planes]
-        r = np.concatenate([p[0].ravel() for p in pairs]) / np.sqrt(1.25)
-        signal = np.concatenate([p[1].ravel() for p in pairs])
+        preds = [None] * len(planes)
     else:
         mu = np.asarray(prediction, np.float64)
         if mu.shape != y.shape:
             raise ValueError(f"prediction shape {mu.shape} differs from the image's {y.shape}")
-        r, signal = (y - mu).ravel(), mu.ravel()
-    feature = np.concatenate([np.asarray(_gradient_energy(jnp.asarray(p, jnp.float32))).ravel()
-                              for p in (signal.reshape(-1, *planes.shape[-2:]) if prediction is not None
-                                        else [pp[1] for pp in pairs])])
-    keep = _flat_pixels(feature, flat_fraction)
+        preds = list(mu.reshape(planes.shape))
+    r, signal, feature = (np.concatenate(parts) for parts in
+                          zip(*(_plane_samples(p, m) for p, m in zip(planes, preds))))
+    keep = feature <= np.quantile(feature, flat_fraction)
     r, signal = r[keep], signal[keep]
     gauss = NoiseModel(0.0, _robust_var(r))
     if model == "gaussian":
@@ -129,11 +136,6 @@ def _gradient_energy(x: jax.Array) -> jax.Array:
     gx = (s(-1, 1) + 2 * s(0, 1) + s(1, 1)) - (s(-1, -1) + 2 * s(0, -1) + s(1, -1))
     gy = (s(1, -1) + 2 * s(1, 0) + s(1, 1)) - (s(-1, -1) + 2 * s(-1, 0) + s(-1, 1))
     return gx * gx + gy * gy
-
-
-def _flat_pixels(feature: np.ndarray, fraction: float) -> np.ndarray:
-    """Boolean mask of the ``fraction`` of pixels with the lowest ``feature``."""
-    return feature <= np.quantile(feature, fraction)
 
 
 def _posterior_plane(y, mu, a, b, bins: int):
@@ -162,7 +164,8 @@ def _posterior(y, mu, a, b, bins):
     return flat.reshape(y.shape)
 
 
-def posterior_mean(noisy, prediction, noise: Union[NoiseModel, float], *, bins: int = 16) -> jax.Array:
+def posterior_mean(noisy, prediction, noise: Union[NoiseModel, float], *,
+                   bins: int = 16) -> jax.Array:
     """Per-pixel posterior mean ``mu + s_p^2 / (s_p^2 + s_n^2) * (y - mu)`` of an ``(..., H, W)``
     image (float32, same shape; each ``(H, W)`` plane on its own).
 
@@ -175,14 +178,15 @@ def posterior_mean(noisy, prediction, noise: Union[NoiseModel, float], *, bins: 
     y = jnp.asarray(noisy, jnp.float32)
     mu = jnp.asarray(prediction, jnp.float32)
     if y.shape != mu.shape or y.ndim < 2:
-        raise ValueError(f"noisy {y.shape} and prediction {mu.shape} must be equal (..., H, W) shapes")
+        raise ValueError(f"noisy {y.shape} and prediction {mu.shape} must be equal (..., H, W)")
     if isinstance(bins, bool) or int(bins) != bins or bins < 1:
         raise ValueError(f"bins must be an integer >= 1, got {bins!r}")
     nm = noise if isinstance(noise, NoiseModel) else NoiseModel(0.0, noise)
     return _posterior(y, mu, jnp.float32(nm.a), jnp.float32(nm.b), int(bins))
 
 
-def posterior_step(noisy, prediction, noise_model: str = "gaussian", *, bins: int = 16) -> np.ndarray:
+def posterior_step(noisy, prediction, noise_model: str = "gaussian", *,
+                   bins: int = 16) -> np.ndarray:
     """The pipeline's per-plane call: estimate the noise model from ``noisy - prediction`` and
     return the posterior mean as a float32 NumPy array."""
     model = estimate_noise(noisy, prediction, model=noise_model)

@@ -69,6 +69,30 @@ def train_and_predict(noisy_n: list[np.ndarray], workdir: pathlib.Path, *, epoch
     return out
 
 
+def time_tta(case: str, out: pathlib.Path, features: int, rounds: int = 3) -> list[dict]:
+    """Prediction seconds for the 16 crops without / with TTA, interleaved, best of ``rounds``
+    (trained models reloaded from ``OUT/CASE/run_*``; compile excluded)."""
+    z = np.load(out / case / "predictions.npz")
+    normed = (z["noisy"] - z["mean"][:, None, None]) / z["std"][:, None, None]
+    apply_fn = models.make_apply_fn(features, 2)
+    rows = []
+    for run in sorted((out / case).glob("run_stage*")):
+        variables = train.load_stage_variables(run, features, 2, 64)
+        best = {False: np.inf, True: np.inf}
+        for tta in (False, True):  # compile + warm-up
+            predict.predict_image(variables, normed[0], apply_fn=apply_fn, num_layers=2, batch_tiles=1, tta=tta)
+        for _ in range(rounds):
+            for tta in (False, True):
+                t0 = time.perf_counter()
+                for x in normed:
+                    predict.predict_image(variables, x, apply_fn=apply_fn, num_layers=2, batch_tiles=1, tta=tta)
+                best[tta] = min(best[tta], time.perf_counter() - t0)
+        rows.append(dict(case=case, model=run.name[4:], variant="predict_seconds_16_crops",
+                         plain=round(best[False], 3), tta=round(best[True], 3),
+                         ratio=round(best[True] / best[False], 2), load=round(os.getloadavg()[0], 2)))
+    return rows
+
+
 def make_case(case: str, out: pathlib.Path, args) -> None:
     from quality import clean_crops
 
@@ -155,6 +179,7 @@ def main() -> None:
     parser.add_argument("--cases", default="white,hcorr")
     parser.add_argument("--no-stage2", action="store_true")
     parser.add_argument("--eval-only", action="store_true")
+    parser.add_argument("--time-tta", action="store_true", help="also time prediction with/without TTA")
     parser.add_argument("--bins", default="16", help="posterior gradient-energy bins to score, e.g. 1,8,16,64")
     parser.add_argument("--out", default="bench_posterior")
     args = parser.parse_args()
@@ -164,6 +189,8 @@ def main() -> None:
         for case in cases:
             make_case(case, out, args)
     rows = [r for case in cases for b in map(int, args.bins.split(",")) for r in evaluate(case, out, b)]
+    if args.time_tta:
+        rows += [r for case in cases for r in time_tta(case, out, args.features)]
     atomic_write_text(out / "results.json", json.dumps(rows, indent=2))
     print(f"load average: {os.getloadavg()[0]:.2f}")
     for r in rows:
