@@ -72,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.early_stopping_min_delta = 1e-4  # relative improvement of the masked validation loss
     cfg.lr_plateau_factor = 0.5
     cfg.lr_plateau_patience = 5
-    cfg.posterior_mean = "off"  # posterior-mean final step on every prediction (posterior.py)
+    cfg.posterior_mean = "gaussian"  # posterior-mean final step on every prediction (posterior.py)
     cfg.run_stage1 = True
     cfg.run_stage2 = True
     cfg.stage1 = _stage(mask_center_size=1)

@@ -48,9 +48,9 @@ def stage_cfg(features: int, lr: float, strategy: str, stage2: bool) -> tuple:
 
 
 def train_and_predict(noisy_n: list[np.ndarray], workdir: pathlib.Path, *, epochs: int, features: int,
-                      lr: float, strategy: str, kernel: np.ndarray, name: str) -> dict:
+                      lr: float, strategy: str, kernel: np.ndarray, name: str, seed: int) -> dict:
     cfg, s = stage_cfg(features, lr, strategy, name == "stage2")
-    cfg.num_epochs = epochs
+    cfg.num_epochs, cfg.random_seed = epochs, seed
     cfg.early_stopping = False
     t0 = time.perf_counter()
     result = train.train_stage(noisy_n, noisy_n[:4], s, cfg, kernel, workdir, name=name)
@@ -110,7 +110,7 @@ def make_case(case: str, out: pathlib.Path, args) -> None:
         stages.append(("stage2", STAGE2_MASK))
     for name, kernel in stages:
         r = train_and_predict(list(normed), folder / f"run_{name}", epochs=args.epochs, features=args.features,
-                              lr=args.lr, strategy=args.strategy, kernel=kernel, name=name)
+                              lr=args.lr, strategy=args.strategy, kernel=kernel, name=name, seed=args.seed)
         for tta in (0, 1):
             saved[f"{name}_tta{tta}"] = r.pop(f"pred_tta{tta}")
         timing[name] = r
@@ -175,7 +175,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="epochs of 50 steps (16 crops x 50 patches / 16)")
     parser.add_argument("--features", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--strategy", default="local_mean")
+    parser.add_argument("--strategy", default="local_mean", help="replacement strategy (e.g. median)")
+    parser.add_argument("--seed", type=int, default=42, help="training seed (the noise is fixed)")
     parser.add_argument("--cases", default="white,hcorr")
     parser.add_argument("--no-stage2", action="store_true")
     parser.add_argument("--eval-only", action="store_true")

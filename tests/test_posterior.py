@@ -99,6 +99,16 @@ def test_gaussian_noise_estimate():
     assert np.sqrt(posterior.estimate_noise(y).b) == pytest.approx(0.1, rel=0.1)
 
 
+def test_noise_estimate_of_a_stack_pools_its_planes():
+    rng, clean, _ = _scene(6, 64)
+    stack = np.stack([clean, clean[::-1]])
+    noisy = stack + 0.05 * rng.standard_normal(stack.shape)
+    assert np.sqrt(posterior.estimate_noise(noisy, stack).b) == pytest.approx(0.05, rel=0.05)
+    assert np.sqrt(posterior.estimate_noise(noisy).b) == pytest.approx(0.05, rel=0.1)
+    with pytest.raises(ValueError, match="shape"):
+        posterior.estimate_noise(noisy, stack[0])
+
+
 def test_poisson_gaussian_noise_estimate():
     rng, clean, _ = _scene(5, 160)
     y = clean + rng.standard_normal(clean.shape) * np.sqrt(0.04 * clean + 0.001)
