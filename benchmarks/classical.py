@@ -1,6 +1,6 @@
 """Classical reference denoisers on the photo crops of `benchmarks/quality.py`: NL-means and BM3D.
 
-    python benchmarks/classical.py [--json classical.json]
+    python benchmarks/classical.py [--json classical.json] [--ours bench_posterior/results.json]
 
 Same 16 clean crops (128x128 of scikit-image's camera, coins, moon, brick; [0, 1]) and the same
 noise cases and seeds as `benchmarks/posterior.py` (`white`: Gaussian sigma 0.1; `hcorr`:
@@ -110,11 +110,26 @@ def bm3d_rows(case: str, clean: np.ndarray, noisy: np.ndarray, python: str) -> l
     return rows
 
 
+def our_rows(path: str) -> list[dict]:
+    """Our rows from a `benchmarks/posterior.py` results.json: each model plain and with TTA +
+    posterior (16 bins), so the table shows them beside the classical methods."""
+    rows = []
+    for r in json.loads(pathlib.Path(path).read_text()):
+        if r.get("bins") != 16:
+            continue
+        if (r["variant"], r["tta"]) in (("model", 0), ("posterior_gauss", 1)):
+            what = "plain" if r["tta"] == 0 else "TTA + posterior"
+            rows.append(dict(case=r["case"], method=f"ours, {r['model']} ({what})", psnr=r["psnr"],
+                             seconds=float("nan")))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="white,hcorr")
     parser.add_argument("--bm3d-python", default=str(HERE / ".peers-venv" / "bin" / "python"))
     parser.add_argument("--json", default="")
+    parser.add_argument("--ours", default="", help="results.json of benchmarks/posterior.py to print beside")
     args = parser.parse_args()
     rows = []
     for case in args.cases.split(","):
@@ -125,11 +140,14 @@ def main() -> None:
             rows.append(dict(case=case, method=f"NL-means, {label} ({used:.4f})",
                              psnr=psnr_mean(clean, out), seconds=seconds))
         rows.extend(bm3d_rows(case, clean, noisy, args.bm3d_python))
+        if args.ours:
+            rows.extend(r for r in our_rows(args.ours) if r["case"] == case)
     print(f"load average: {os.getloadavg()[0]:.2f}")
     print("| case | method | PSNR (dB) | seconds (16 crops) |")
     print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['method']} | {r['psnr']:.2f} | {r['seconds']:.1f} |")
+        seconds = "" if r["seconds"] != r["seconds"] else f"{r['seconds']:.1f}"
+        print(f"| {r['case']} | {r['method']} | {r['psnr']:.2f} | {seconds} |")
     if args.json:
         atomic_write_text(args.json, json.dumps(rows, indent=2))
 
