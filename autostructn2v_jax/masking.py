@@ -296,8 +296,9 @@ def replace_masked(
     unmasked value of the patch. ``zero`` (1): 0. ``random`` (2): an independent uniformly random
     unmasked value of the patch. ``median`` (3, N2V2): median of the unmasked pixels of the 3x3
     neighbourhood without the centre (every pixel of the blind-spot/structural kernel is masked,
-    so none of them counts); the same random fallback as ``local_mean``. The new values never depend on any masked pixel's value, so the
-    network cannot see what it has to predict. ``strategy`` is static.
+    so none of them counts); the same random fallback as ``local_mean``. The new values never
+    depend on any masked pixel's value, so the network cannot see what it has to predict.
+    ``strategy`` is static.
     """
     sid = strategy_id(strategy)
     mask = jnp.asarray(input_mask, bool)
