@@ -18,6 +18,7 @@ from autostructn2v_jax.errors import ConfigError, UserInputError
 
 FORMAT_VERSION = 2  # 2: one checkpoint per epoch holding state, best variables and history
 MASK_SOURCES = ("stage1", "stage1_residual", "file", "extractor")
+POSTERIOR_MODES = ("off", "gaussian", "poisson_gaussian")  # "off" + posterior.NOISE_MODELS
 
 
 def extractor_config() -> ml_collections.ConfigDict:
@@ -74,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.time_budget_minutes = 0.0  # 0: no limit; else split over the stages trained
     cfg.lr_schedule = "auto"  # auto: cosine with a time budget, plateau without
     cfg.warmup_fraction = 0.05
+    cfg.posterior_mean = "gaussian"  # posterior-mean final step on every prediction (posterior.py)
     cfg.run_stage1 = True
     cfg.run_stage2 = True
     cfg.stage1 = _stage(mask_center_size=1)
@@ -239,6 +241,8 @@ def validate_config(cfg: ml_collections.ConfigDict, *, need_io: bool = True) -> 
            f"must be in [0, 1), got {cfg.warmup_fraction!r}")
     _check(cfg.output_dtype in ("input", "float32"), "output_dtype",
            f"must be 'input' or 'float32', got {cfg.output_dtype!r}")
+    _check(cfg.posterior_mean in POSTERIOR_MODES, "posterior_mean",
+           f"must be one of {POSTERIOR_MODES}, got {cfg.posterior_mean!r}")
     _check(cfg.axes in ("", "YX", "SYX", "ZYX", "TYX", "CYX"), "axes",
            f"must be one of '', YX, SYX, ZYX, TYX, CYX; got {cfg.axes!r}")
     if cfg.run_stage1:
@@ -301,6 +305,7 @@ DESCRIPTIONS = {
     "time_budget_minutes": "training time limit in minutes (0 = none). At the top level it is split over the stages trained (stage 1 half, stage 2 the rest); a stage's own value overrides its share. When it runs out the stage validates, keeps its best model, then predicts and reports",
     "lr_schedule": "auto (cosine with a time budget, plateau without), plateau (ReduceLROnPlateau), cosine (warm-up then cosine to 0 over the budget or num_epochs)",
     "warmup_fraction": "cosine schedule: fraction of the budget (or of the steps) spent warming the learning rate up from 0",
+    "posterior_mean": "final step after each stage's prediction: combine it with the noisy pixel itself (posterior mean, noise model estimated from the data): off, gaussian or poisson_gaussian",
     "run_stage1": "train stage 1 (Noise2Void)",
     "run_stage2": "train stage 2 (structured Noise2Void)",
     "patch_size": "training patch side; a multiple of 2**num_layers",
@@ -312,7 +317,7 @@ DESCRIPTIONS = {
     "num_val_patches": "size of the fixed validation set (patches and masks drawn once)",
     "mask_percentage": "target percentage of hidden pixels per patch",
     "mask_center_size": "stage 1: side of the hidden centre block (odd)",
-    "replacement_strategy": "local_mean (0): mean of unmasked 3x3 neighbours; zero (1); random (2): a random unmasked value",
+    "replacement_strategy": "local_mean (0): mean of unmasked 3x3 neighbours; zero (1); random (2): a random unmasked value; median: median of unmasked 3x3 neighbours (N2V2)",
     "use_roi": "sample patches from regions of interest only",
     "roi_threshold": "ROI threshold on the smoothed, [0,1]-scaled thumbnail",
     "scale_factor": "thumbnail scale for the ROI map",

@@ -11,7 +11,7 @@ import pathlib
 import numpy as np
 
 from autostructn2v_jax import config as config_lib
-from autostructn2v_jax import files, models, parallel, predict, preprocess, stream, tiffio, train
+from autostructn2v_jax import files, models, parallel, posterior, predict, preprocess, stream, tiffio, train
 from autostructn2v_jax.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 class StageModel:
     """A trained stage: its variables and a tiled predictor for whole images."""
 
-    def __init__(self, variables: dict, stage_cfg, tta: bool = False):
+    def __init__(self, variables: dict, stage_cfg, tta: bool = False, posterior_mean: str = "off"):
         self.variables = variables
+        self.posterior_mean = posterior_mean  # "off" or a noise model of `posterior.NOISE_MODELS`
         self.num_layers = int(stage_cfg.num_layers)
         self.features = int(stage_cfg.features)
         self.tile_size = int(stage_cfg.predict_tile_size)
@@ -38,13 +39,24 @@ class StageModel:
         return predict.predict_image(self.variables, plane, apply_fn=self.apply_fn, num_layers=self.num_layers,
                                      tile_size=tile, batch_tiles=batch, tta=self.tta)
 
+    def finish(self, normed: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+        """The written output: the prediction, combined with the noisy plane itself by the
+        posterior-mean step unless ``posterior_mean`` is ``"off"``."""
+        if self.posterior_mean == "off":
+            return prediction
+        return posterior.posterior_step(normed, prediction, self.posterior_mean)
+
+    def denoise(self, normed: np.ndarray) -> np.ndarray:
+        """A normalised plane in, the final output (prediction + posterior step) out."""
+        return self.finish(normed, self(normed))
+
     def denoise_planes(self, planes) -> np.ndarray:
         """Raw ``(P, H, W)`` planes in, float32 ``(P, H, W)`` out in the same units: each plane is
         normalised on its own, predicted and mapped back."""
         outs = []
         for plane in planes:
             normed, stats = preprocess.normalize(plane)
-            outs.append(preprocess.denormalize(self(normed), stats))
+            outs.append(preprocess.denormalize(self.denoise(normed), stats))
         return np.stack(outs).astype(np.float32)
 
 
@@ -79,7 +91,7 @@ def load_run(run_dir: str | os.PathLike, stage: str | None = None):
                                                meta["patch_size"])
         if variables is None:
             raise UserInputError(f"{run_dir / name / 'checkpoints'}: no checkpoint found")
-        return cfg, name, StageModel(variables, cfg[name])
+        return cfg, name, StageModel(variables, cfg[name], posterior_mean=cfg.posterior_mean)
     raise UserInputError(f"{run_dir}: no trained stage found (no stage1/ or stage2/ model.json)")
 
 
@@ -111,7 +123,7 @@ def predict_files(run_dir, input_path, output_dir, *, overwrite: bool = False, a
         if path in large:
             stream.denoise_tiff(model.variables, path, out_dir / path.name, apply_fn=model.apply_fn,
                                 num_layers=model.num_layers, tile_size=model.tile_size, dtype=dtype,
-                                overwrite=overwrite, tta=tta)
+                                overwrite=overwrite, tta=tta, posterior_mean=model.posterior_mean)
             written.append(out_dir / path.name)
             continue
         planes, meta = images[path]

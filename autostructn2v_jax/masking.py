@@ -21,8 +21,8 @@ from autostructn2v_jax.errors import ConfigError
 
 Strategy = Union[int, str]
 #: Replacement strategies by id: 0 = mean of the unmasked 3x3 neighbours, 1 = zero, 2 = a random
-#: unmasked value of the patch.
-STRATEGIES = ("local_mean", "zero", "random")
+#: unmasked value of the patch, 3 = median of the unmasked 3x3 neighbours (N2V2).
+STRATEGIES = ("local_mean", "zero", "random", "median")
 _STRATEGIES = {name: i for i, name in enumerate(STRATEGIES)}
 
 
@@ -240,7 +240,7 @@ def tile_mask(
 
 
 def strategy_id(strategy: Strategy) -> int:
-    """Map a replacement strategy (0/"local_mean", 1/"zero", 2/"random") to its integer id."""
+    """Map a replacement strategy (0/"local_mean", 1/"zero", 2/"random", 3/"median") to its id."""
     if isinstance(strategy, str):
         key = strategy.strip().lower()
         if key in _STRATEGIES:
@@ -250,7 +250,7 @@ def strategy_id(strategy: Strategy) -> int:
             return int(strategy)
     raise ConfigError(
         "replacement_strategy",
-        f"unknown strategy {strategy!r}; use 0/'local_mean', 1/'zero' or 2/'random'",
+        f"unknown strategy {strategy!r}; use 0/'local_mean', 1/'zero', 2/'random' or 3/'median'",
     )
 
 
@@ -259,6 +259,26 @@ def _box3(x: jax.Array) -> jax.Array:
     h, w = x.shape
     p = jnp.pad(x, 1)
     return sum(p[i : i + h, j : j + w] for i in range(3) for j in range(3))
+
+
+def _median3(patch: jax.Array, unmasked: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per pixel, (median of the unmasked pixels among its 8 neighbours inside the patch, count).
+
+    The 8 shifted copies are sorted with masked / outside entries set to +inf, so the ``c`` valid
+    values come first; the median is the mean of the two middle ones (``c`` even) or the middle one.
+    """
+    h, w = patch.shape
+    p = jnp.pad(patch, 1)
+    u = jnp.pad(unmasked, 1)  # outside the patch counts as masked
+    offs = [(i, j) for i in range(3) for j in range(3) if (i, j) != (1, 1)]
+    ok = jnp.stack([u[i : i + h, j : j + w] for i, j in offs])
+    vals = jnp.stack([p[i : i + h, j : j + w] for i, j in offs])
+    ranked = jnp.sort(jnp.where(ok, vals, jnp.inf), axis=0)
+    count = jnp.sum(ok, axis=0, dtype=jnp.int32)
+    lo = jnp.take_along_axis(ranked, jnp.maximum(count - 1, 0)[None] // 2, axis=0)[0]
+    hi = jnp.take_along_axis(ranked, (count // 2)[None], axis=0)[0]
+    both = jnp.where(count > 0, lo + jnp.where(count > 1, hi, lo), 0.0)
+    return both / 2, count
 
 
 def _random_unmasked(key: jax.Array, patch: jax.Array, unmasked: jax.Array) -> jax.Array:
@@ -280,8 +300,11 @@ def replace_masked(
     ``local_mean`` (0): mean of the unmasked pixels of the 3x3 neighbourhood (inside the patch);
     a masked pixel with no unmasked neighbour (interior of a large structural kernel) gets a random
     unmasked value of the patch. ``zero`` (1): 0. ``random`` (2): an independent uniformly random
-    unmasked value of the patch. The new values never depend on any masked pixel's value, so the
-    network cannot see what it has to predict. ``strategy`` is static.
+    unmasked value of the patch. ``median`` (3, N2V2): median of the unmasked pixels of the 3x3
+    neighbourhood without the centre (every pixel of the blind-spot/structural kernel is masked,
+    so none of them counts); the same random fallback as ``local_mean``. The new values never
+    depend on any masked pixel's value, so the network cannot see what it has to predict.
+    ``strategy`` is static.
     """
     sid = strategy_id(strategy)
     mask = jnp.asarray(input_mask, bool)
@@ -291,6 +314,9 @@ def replace_masked(
     rand = _random_unmasked(key, patch, unmasked)
     if sid == 2:
         return jnp.where(mask, rand, patch)
+    if sid == 3:
+        med, c = _median3(patch, unmasked)
+        return jnp.where(mask, jnp.where(c > 0, med.astype(patch.dtype), rand), patch)
     f = unmasked.astype(patch.dtype)
     s = _box3(patch * f)
     c = _box3(f)

@@ -82,20 +82,23 @@ def split_planes(ds: Dataset, cfg, patch_size: int):
 
 
 def denoise_dataset(model: inference.StageModel, ds: Dataset, out_dir: pathlib.Path, cfg, *,
-                    inputs: list[list[np.ndarray]] | None = None, overwrite: bool = True) -> list[list[np.ndarray]]:
-    """Denoise every plane (normalised space); the main process writes the TIFFs in the input's
-    units. Returns the normalised outputs (in every process)."""
+                    overwrite: bool = True) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
+    """Denoise every plane (normalised space); the main process writes the final outputs as TIFFs
+    in the input's units. Returns (final outputs, raw network predictions), both normalised, in
+    every process: the raw ones feed a stage-1-based autocorrelation, which must not see the
+    posterior-mean step's pass-through of the noisy pixels."""
     write = parallel.is_main_process()
     dtype = None if cfg.output_dtype == "input" else "float32"
-    results = []
+    finals, raws = [], []
     for i, path in enumerate(ds.paths):
-        planes_in = inputs[i] if inputs is not None else ds.normed[i]
-        outs = [model(p) for p in planes_in]
-        results.append(outs)
+        raw = [model(p) for p in ds.normed[i]]
+        final = [model.finish(p, r) for p, r in zip(ds.normed[i], raw)]
+        finals.append(final)
+        raws.append(raw)
         if write:
-            tiffio.write_image(out_dir / path.name, ds.restore(i, outs), ds.meta[i], dtype=dtype,
+            tiffio.write_image(out_dir / path.name, ds.restore(i, final), ds.meta[i], dtype=dtype,
                                overwrite=overwrite)
-    return results
+    return finals, raws
 
 
 def _structure_bank(planes: list[np.ndarray], ext_cfg) -> tuple[sampling.ImageBank, int]:
@@ -303,9 +306,8 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
                                    budget_seconds=policy.stage_budget_seconds(cfg, "stage1"))
         trained_seconds += result.seconds
         inference.save_model_json(run_dir / "stage1", s1, kernel, "stage1")
-        model = inference.StageModel(result.variables, s1)
-        stage1_out = denoise_dataset(model, ds, run_dir / "stage1" / "denoised", cfg)
-        outputs["stage1"] = stage1_out
+        model = inference.StageModel(result.variables, s1, posterior_mean=cfg.posterior_mean)
+        outputs["stage1"], stage1_out = denoise_dataset(model, ds, run_dir / "stage1" / "denoised", cfg)
         summary["stages"]["stage1"] = dict(best_val_loss=result.best_val_loss, epochs=result.epochs_run,
                                            stopped_early=result.stopped_early,
                                            out_of_time=result.out_of_time,
@@ -328,8 +330,8 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
                                    progress=(lambda r: progress("stage2", r)) if progress else None,
                                    budget_seconds=policy.stage_budget_seconds(cfg, "stage2", trained_seconds))
         inference.save_model_json(run_dir / "stage2", s2, kernel, "stage2")
-        model = inference.StageModel(result.variables, s2)
-        outputs["stage2"] = denoise_dataset(model, ds, run_dir / "stage2" / "denoised", cfg)
+        model = inference.StageModel(result.variables, s2, posterior_mean=cfg.posterior_mean)
+        outputs["stage2"], _ = denoise_dataset(model, ds, run_dir / "stage2" / "denoised", cfg)
         summary["stages"]["stage2"] = dict(best_val_loss=result.best_val_loss, epochs=result.epochs_run,
                                            stopped_early=result.stopped_early,
                                            out_of_time=result.out_of_time,

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from autostructn2v_jax import predict, preprocess, tiffio
+from autostructn2v_jax import posterior, predict, preprocess, tiffio
 from autostructn2v_jax.files import atomic_path
 from autostructn2v_jax.errors import UserInputError
 
@@ -96,8 +96,11 @@ def _plane_stats(src: _PlaneSource, p: int) -> dict:
 
 def denoise_tiff(variables, in_path, out_path, *, apply_fn: Callable, num_layers: int,
                  tile_size: int | None = None, dtype: str | None = None, overwrite: bool = False,
-                 tta: bool = False) -> pathlib.Path:
-    """Denoise one TIFF into `out_path` with memory bounded by a strip; atomic (temp + rename)."""
+                 tta: bool = False, posterior_mean: str = "off") -> pathlib.Path:
+    """Denoise one TIFF into `out_path` with memory bounded by a strip; atomic (temp + rename).
+
+    ``posterior_mean`` (a noise model, or "off"): the posterior-mean step per strip, its noise model
+    estimated on that strip (a strip holds the full width and many rows)."""
     import tifffile
 
     in_path, out_path = pathlib.Path(in_path), pathlib.Path(out_path)
@@ -135,6 +138,9 @@ def denoise_tiff(variables, in_path, out_path, *, apply_fn: Callable, num_layers
 
                 for r0, rows in predict.predict_strips(variables, read_normed, h, w, apply_fn=apply_fn,
                                                        num_layers=num_layers, tile_size=tile_size, tta=tta):
+                    if posterior_mean != "off" and not stats["constant"]:
+                        rows = posterior.posterior_step(read_normed(r0, r0 + rows.shape[0]), rows,
+                                                        posterior_mean)
                     restored = preprocess.denormalize(rows, stats)
                     fh.seek(offset + (p * h + r0) * row_bytes)
                     fh.write(np.ascontiguousarray(tiffio.to_output_dtype(restored, out_dtype)).tobytes())

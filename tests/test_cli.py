@@ -538,7 +538,7 @@ def test_demo_data_bad_arguments(tmp_path, capsys):
     ("--config.stage1.learning_rate=2", "stage1.learning_rate"),
     ("--config.stage2.extractor.center_size=4", "stage2.extractor.center_size"),
     ("--config.stage2.mask_source=bogus", "stage2.mask_source"),
-    ("--config.stage1.replacement_strategy=median", "stage1.replacement_strategy"),
+    ("--config.stage1.replacement_strategy=mode", "stage1.replacement_strategy"),
     ("--config.split_ratio=(0.5,0.1)", "split_ratio"),
     ("--config.stage1.num_layers=0", "stage1.num_layers"),
 ], ids=lambda v: v if not v.startswith("--") else v[len("--config."):])

@@ -59,7 +59,7 @@ def test_overrides_parse_types():
     ("stage1.mask_center_size=2", "stage1.mask_center_size"),
     ("stage1.mask_percentage=0", "stage1.mask_percentage"),
     ("stage2.mask_percentage=80", "stage2.mask_percentage"),
-    ("stage1.replacement_strategy=median", "stage1.replacement_strategy"),
+    ("stage1.replacement_strategy=mode", "stage1.replacement_strategy"),
     ("stage1.learning_rate=-1", "stage1.learning_rate"),
     ("stage2.mask_source=magic", "stage2.mask_source"),
     ("split_ratio=(0.5,0.5,0.5)", "split_ratio"),
@@ -67,6 +67,8 @@ def test_overrides_parse_types():
     ("stage2.extractor.center_size=10", "stage2.extractor.center_size"),
     ("stage1.roi_threshold=2.0", "stage1.roi_threshold"),
     ("output_dtype=uint7", "output_dtype"),
+    ("posterior_mean=histogram", "posterior_mean"),
+    ("posterior_mean=True", "posterior_mean"),
 ])
 def test_bad_values_name_their_key(override, key):
     cfg = _valid()
@@ -112,3 +114,14 @@ def test_readme_documents_every_key():
         key = line.split("`")[1]
         assert f"`{key}`" in readme, f"README config table lacks {key}"
         assert not line.rstrip().endswith("|  |"), f"no description for {key}"
+
+
+def test_posterior_and_strategy_choices_match_the_library():
+    from autostructn2v_jax import posterior
+
+    assert config_lib.POSTERIOR_MODES == ("off",) + posterior.NOISE_MODELS
+    for mode in config_lib.POSTERIOR_MODES:
+        cfg = _valid(posterior_mean=mode)
+        config_lib.validate_config(cfg)
+    cfg = _valid(**{"stage1.replacement_strategy": "median", "stage2.replacement_strategy": "median"})
+    config_lib.validate_config(cfg)

@@ -44,13 +44,21 @@ def test_run_folder_writes_only_on_the_main_process(main_process, tmp_path):
     pipeline.write_text_atomic(run / "summary.json", "{}")
     train._write_metrics(run / "stage1" / "metrics.jsonl", [{"epoch": 1}])
     inference.save_model_json(run / "stage1", cfg.stage1, np.ones((1, 1), bool), "stage1")
-    outs = pipeline.denoise_dataset(lambda plane: plane * 0.5, ds, run / "stage1" / "denoised", cfg)
+    class Halve:  # a stand-in model: prediction = plane / 2, final = prediction + 1
+        def __call__(self, plane):
+            return plane * 0.5
+
+        def finish(self, plane, prediction):
+            return prediction + 1.0
+
+    outs, raws = pipeline.denoise_dataset(Halve(), ds, run / "stage1" / "denoised", cfg)
     line = np.zeros((3, 5), bool)
     line[1] = True
     mask, info = pipeline.find_mask(cfg, ds, ds.flat(), run, mask_file=line)
 
     # every process computes the same results ...
-    np.testing.assert_allclose(outs[0][0], ds.normed[0][0] * 0.5)
+    np.testing.assert_allclose(raws[0][0], ds.normed[0][0] * 0.5)
+    np.testing.assert_allclose(outs[0][0], ds.normed[0][0] * 0.5 + 1.0)
     assert np.array_equal(mask, line) and info["summary"]
     # ... and only process 0 writes them
     expected = ["mask/extraction.json", "mask/mask.png", "mask/structural_mask.npy",

@@ -19,7 +19,7 @@ LAYERS = {
     # 3: model
     "models": 3,
     # 4: train and predict
-    "train": 4, "policy": 4, "checkpoint": 4, "predict": 4, "stream": 4,
+    "train": 4, "policy": 4, "checkpoint": 4, "predict": 4, "posterior": 4, "stream": 4,
     # 5: pipeline (the modes, the run folder and its config, using a trained run, the report)
     "pipeline": 5, "inference": 5, "config": 5, "report": 5,
     # 6: cli and api

@@ -264,7 +264,7 @@ def local_mean_reference(patch, mask):
     return out
 
 
-@pytest.mark.parametrize("strategy", [0, "local_mean", 1, "zero", 2, "random"])
+@pytest.mark.parametrize("strategy", [0, "local_mean", 1, "zero", 2, "random", 3, "median"])
 def test_unmasked_unchanged(strategy):
     patch, im, _ = _example(seed=1)
     out = replace(jax.random.key(2), patch, im, strategy)
@@ -300,6 +300,40 @@ def test_local_mean_fallback_for_interior_pixels():
     assert np.isfinite(out).all()
 
 
+def median_reference(patch, mask):
+    patch, mask = np.asarray(patch, np.float64), np.asarray(mask)
+    h, w = patch.shape
+    out = patch.copy()
+    for y, x in zip(*np.nonzero(mask)):
+        vals = [
+            patch[j, i]
+            for j in range(max(0, y - 1), min(h, y + 2))
+            for i in range(max(0, x - 1), min(w, x + 2))
+            if not mask[j, i]
+        ]
+        out[y, x] = np.median(vals) if vals else np.nan
+    return out
+
+
+@pytest.mark.parametrize("kernel", [PIXEL, LINE5], ids=["pixel", "line5"])
+def test_median_matches_reference(kernel):
+    patch, im, _ = _example(seed=13, shape=(16, 16), kernel=kernel, pct=20.0)  # border copies too
+    out = replace(jax.random.key(0), patch, im, "median")
+    np.testing.assert_allclose(out, median_reference(patch, im), rtol=1e-5, atol=1e-6)
+    # even and odd counts by hand (masked neighbours never count)
+    p = jnp.array([[0.0, 9.0, 2.0, 7.0], [4.0, 1.0, 8.0, 3.0], [5.0, 6.0, 0.5, 2.5], [1.5, 3.5, 4.5, 6.5]])
+    m = jnp.zeros((4, 4), bool).at[0, 0].set(True).at[0, 1].set(True).at[3, 3].set(True)
+    out = replace(jax.random.key(0), p, m, "median")
+    assert float(out[0, 0]) == pytest.approx((4.0 + 1.0) / 2)  # of 4, 1
+    assert float(out[0, 1]) == pytest.approx((2.0 + 4.0) / 2)  # of 2, 4, 1, 8
+    assert float(out[3, 3]) == pytest.approx(2.5)  # of 0.5, 2.5, 4.5
+    # a masked pixel with no unmasked neighbour falls back to some unmasked value
+    patch, im, pm = _example(seed=4, kernel=stage1_kernel(3), pct=10.0)
+    out = replace(jax.random.key(5), patch, im, 3)
+    unmasked_vals = set(np.asarray(patch)[~np.asarray(im)].tolist())
+    assert all(out[y, x] in unmasked_vals for y, x in zip(*np.nonzero(np.asarray(pm))))
+
+
 def test_random_strategy_uses_unmasked_values():
     patch, im, _ = _example(seed=6, shape=(16, 16), kernel=LINE5, pct=20.0)
     out = replace(jax.random.key(1), patch, im, "random")
@@ -310,8 +344,9 @@ def test_random_strategy_uses_unmasked_values():
 
 
 def test_strategy_id():
-    assert [strategy_id(s) for s in (0, 1, 2, "local_mean", "zero", "random")] == [0, 1, 2, 0, 1, 2]
-    for bad in (3, -1, "median", True, 1.0):
+    names = (0, 1, 2, 3, "local_mean", "zero", "random", "median")
+    assert [strategy_id(s) for s in names] == [0, 1, 2, 3, 0, 1, 2, 3]
+    for bad in (4, -1, "mode", True, 1.0):
         with pytest.raises(ValueError, match="replacement_strategy"):
             strategy_id(bad)
     with pytest.raises(ConfigError, match="replacement_strategy"):
@@ -319,7 +354,7 @@ def test_strategy_id():
 
 
 @pytest.mark.parametrize("kernel", [PIXEL, LINE5, stage1_kernel(3)], ids=["pixel", "line5", "block3"])
-@pytest.mark.parametrize("strategy", ["local_mean", "zero", "random"])
+@pytest.mark.parametrize("strategy", ["local_mean", "zero", "random", "median"])
 def test_replacement_independent_of_masked_pixels(kernel, strategy):
     patch, im, _ = _example(seed=9, shape=(16, 16), kernel=kernel, pct=15.0)
     key = jax.random.key(3)

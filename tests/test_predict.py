@@ -150,3 +150,20 @@ def test_errors(variables):
         predict_image(variables, _image((16, 16)), tile_size=48)  # no room for the core
     with pytest.warns(UserWarning, match="receptive field"):
         tile_plan((16, 16), L, TILE, halo=2)
+
+
+def test_stage_model_final_output_applies_the_posterior_step():
+    from autostructn2v_jax import config as config_lib
+    from autostructn2v_jax import inference, posterior
+
+    cfg = config_lib.base_config().stage1
+    cfg.features, cfg.predict_tile_size = 8, 64
+    variables = init_variables(8, 2, 32, 0)
+    rng = np.random.default_rng(2)
+    plane = rng.standard_normal((64, 80)).astype(np.float32)
+    off = inference.StageModel(variables, cfg)
+    on = inference.StageModel(variables, cfg, posterior_mean="gaussian")
+    raw = off(plane)
+    np.testing.assert_array_equal(off.denoise(plane), raw)
+    np.testing.assert_allclose(on.denoise(plane), posterior.posterior_step(plane, raw, "gaussian"), rtol=1e-6)
+    assert not np.allclose(on.denoise(plane), raw)

@@ -62,3 +62,19 @@ def test_stream_refuses_overwrite_and_nan(tmp_path, variables):
         stream.denoise_tiff(variables, tmp_path / "nan.tif", tmp_path / "o.tif",
                             apply_fn=models.make_apply_fn(8, 2), num_layers=2, tile_size=TILE)
     assert (tmp_path / "o.tif").read_bytes() == b"keep"
+
+
+def test_streamed_posterior_step_lies_between_prediction_and_observation(tmp_path, variables):
+    """With the posterior-mean step each output pixel moves from the prediction towards the noisy
+    pixel (never past it), and the result differs from the plain prediction."""
+    rng = np.random.default_rng(1)
+    arr = (0.5 + 0.1 * rng.standard_normal((300, 170))).astype(np.float32)
+    tifffile.imwrite(tmp_path / "in.tif", arr)
+    kw = dict(apply_fn=models.make_apply_fn(8, 2), num_layers=2, tile_size=TILE)
+    plain = tifffile.imread(stream.denoise_tiff(variables, tmp_path / "in.tif", tmp_path / "a.tif", **kw))
+    post = tifffile.imread(stream.denoise_tiff(variables, tmp_path / "in.tif", tmp_path / "b.tif",
+                                               posterior_mean="gaussian", **kw))
+    assert not np.allclose(post, plain)
+    toward = (post - plain) * (arr - plain)
+    assert toward.min() >= -1e-6
+    assert np.all(np.abs(post - plain) <= np.abs(arr - plain) + 1e-5)

@@ -1,0 +1,193 @@
+"""Posterior-mean final step: put back the information of the noisy pixel itself.
+
+A blind-spot network never sees the pixel it predicts, so its output ``mu`` estimates
+``E[clean | neighbours]`` and throws away the observation ``y`` at that pixel. Treating the network
+output as a Gaussian prior ``clean ~ N(mu, s_p^2)`` and the noise as
+``y | clean ~ N(clean, s_n^2)``, the posterior mean is the per-pixel Wiener combination
+
+    E[clean | neighbours, y] = mu + s_p^2 / (s_p^2 + s_n^2) * (y - mu).
+
+``s_n^2`` comes from a noise model estimated from the data (:func:`estimate_noise`: Gaussian, or
+Poisson-Gaussian ``var = a * signal + b``). ``s_p^2``, the mean squared error of the prediction, is
+small in flat regions and large at edges and in texture; it is estimated from the residuals
+``r = y - mu`` of all pixels with a similar *gradient energy of the prediction*: pixels are put
+into equal-count bins of that feature and ``s_p^2 = max(mean_bin(r^2) - mean_bin(s_n^2), 0)``,
+because ``E[r^2] = s_p^2 + s_n^2`` when the prediction error is independent of the pixel's own
+noise. A bin holds hundreds of pixels, so the estimate is not dominated by the noise of ``r^2`` (a
+small window of neighbours is: its clipped average overestimates ``s_p^2`` in flat regions); the
+pixel itself is left out of its bin's mean, so its gain does not depend on its own noise.
+
+Assumptions. The prediction error is independent of the pixel's noise: a blind-spot network
+predicts without the pixel (training masks it; at inference the network does see it and passes
+a small fraction of it through, which the estimate then partly absorbs). Structured (correlated)
+noise: the step assumes the model's blind spot hides every pixel whose noise is correlated with the
+centre's (a stage-2 model with the structural mask). Then ``y - mu = prediction error + the
+pixel's own noise`` and ``s_n^2`` is the *total* noise variance at a pixel, which the residual-based
+estimate measures. A model that sees correlated neighbours (stage 1 on structured noise) has
+already absorbed part of the noise into ``mu``; the step then cannot remove that part.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["NoiseModel", "NOISE_MODELS", "estimate_noise", "posterior_mean", "posterior_step"]
+
+NOISE_MODELS = ("gaussian", "poisson_gaussian")
+_MAD_TO_STD = 1.4826022185056018  # 1 / Phi^-1(3/4): MAD of a Gaussian times this is its std
+_VAR_FLOOR = 1e-12
+
+
+class NoiseModel(NamedTuple):
+    """Noise variance ``a * signal + b`` (``a = 0``: Gaussian with ``sigma^2 = b``), in the units of
+    the arrays it was estimated on."""
+
+    a: float
+    b: float
+
+    def variance(self, signal):
+        """Per-pixel noise variance at ``signal`` (floored at a tiny positive value)."""
+        return jnp.maximum(self.a * jnp.asarray(signal) + self.b, _VAR_FLOOR)
+
+
+def _robust_var(r: np.ndarray) -> float:
+    """Variance from the median absolute deviation: insensitive to sparse large residuals."""
+    r = np.ravel(r)
+    mad = np.median(np.abs(r - np.median(r)))
+    return float((_MAD_TO_STD * mad) ** 2)
+
+
+def _plane_samples(y: np.ndarray, mu: np.ndarray | None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(noise samples, signal, flatness feature) of one plane, flattened.
+
+    With a prediction: the residual ``y - mu``, the signal ``mu`` and the gradient energy of ``mu``.
+    Without: ``(y - mean of its 4 neighbours) / sqrt(1.25)`` (variance s^2 for white noise of
+    variance s^2), the 3x3 mean as signal and its gradient energy; interior pixels only.
+    """
+    if mu is None:
+        c = y[1:-1, 1:-1]
+        four = (y[:-2, 1:-1] + y[2:, 1:-1] + y[1:-1, :-2] + y[1:-1, 2:]) / 4.0
+        mu = (4.0 * four + c + y[:-2, :-2] + y[:-2, 2:] + y[2:, :-2] + y[2:, 2:]) / 9.0
+        r = (c - four) / np.sqrt(1.25)
+    else:
+        r = y - mu
+    feature = np.asarray(_gradient_energy(jnp.asarray(mu, jnp.float32)))
+    return r.ravel(), mu.ravel(), feature.ravel()
+
+
+def estimate_noise(noisy, prediction=None, *, model: str = "gaussian", bins: int = 16,
+                   flat_fraction: float = 0.5) -> NoiseModel:
+    """Estimate the noise model of an ``(H, W)`` (or ``(..., H, W)``) image from the data alone.
+
+    With ``prediction`` (a blind-spot model's output): from the residuals ``noisy - prediction``,
+    whose robust (MAD) spread is the pixel's total noise plus the usually much smaller, sparse
+    prediction error; only the ``flat_fraction`` of pixels where the prediction's gradient energy
+    is lowest (where that error is smallest) are used. Without a prediction: from a 4-neighbour
+    high-pass of ``noisy`` (valid for white noise only: correlated noise has less high-frequency
+    power and is underestimated). ``model="poisson_gaussian"`` fits ``var = a * signal + b`` by
+    weighted least squares to robust variances in ``bins`` equal-count bins of the signal (the
+    prediction, or a 3x3 mean) of those pixels; if the fitted slope is not positive the Gaussian
+    estimate is returned.
+    """
+    if model not in NOISE_MODELS:
+        raise ValueError(f"unknown noise model {model!r}; use one of {NOISE_MODELS}")
+    y = np.asarray(noisy, np.float64)
+    if y.ndim < 2 or min(y.shape[-2:]) < 3:
+        raise ValueError(f"estimate_noise needs images of at least 3x3 pixels, got shape {y.shape}")
+    planes = y.reshape(-1, *y.shape[-2:])
+    if prediction is None:
+        preds = [None] * len(planes)
+    else:
+        mu = np.asarray(prediction, np.float64)
+        if mu.shape != y.shape:
+            raise ValueError(f"prediction shape {mu.shape} differs from the image's {y.shape}")
+        preds = list(mu.reshape(planes.shape))
+    r, signal, feature = (np.concatenate(parts) for parts in
+                          zip(*(_plane_samples(p, m) for p, m in zip(planes, preds))))
+    keep = feature <= np.quantile(feature, flat_fraction)
+    r, signal = r[keep], signal[keep]
+    gauss = NoiseModel(0.0, _robust_var(r))
+    if model == "gaussian":
+        return gauss
+    order = np.argsort(signal, kind="stable")
+    chunks = np.array_split(order, max(2, int(bins)))
+    m = np.array([signal[c].mean() for c in chunks])
+    v = np.array([_robust_var(r[c]) for c in chunks])
+    n = np.array([len(c) for c in chunks], np.float64)
+    w = n / np.maximum(v, _VAR_FLOOR) ** 2  # var(sample variance) ~ 2 v^2 / n
+    design = np.stack([m, np.ones_like(m)], axis=1) * np.sqrt(w)[:, None]
+    a, b = np.linalg.lstsq(design, v * np.sqrt(w), rcond=None)[0]
+    if not (np.isfinite(a) and a > 0):
+        return gauss
+    return NoiseModel(float(a), float(b))
+
+
+def _gradient_energy(x: jax.Array) -> jax.Array:
+    """Squared Sobel gradient magnitude of a 2-D array (reflect padding): large at edges/texture."""
+    p = jnp.pad(x, 1, mode="reflect" if min(x.shape) > 1 else "edge")
+    h, w = x.shape
+    s = lambda dy, dx: p[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]  # noqa: E731
+    gx = (s(-1, 1) + 2 * s(0, 1) + s(1, 1)) - (s(-1, -1) + 2 * s(0, -1) + s(1, -1))
+    gy = (s(1, -1) + 2 * s(1, 0) + s(1, 1)) - (s(-1, -1) + 2 * s(-1, 0) + s(-1, 1))
+    return gx * gx + gy * gy
+
+
+def _posterior_plane(y, mu, a, b, bins: int):
+    r = y - mu
+    var_n = jnp.maximum(a * mu + b, _VAR_FLOOR)
+    excess = (r * r - var_n).ravel()
+    g = _gradient_energy(mu).ravel()
+    rank = jnp.argsort(jnp.argsort(g))
+    n = g.shape[0]
+    bin_id = (rank * bins) // n
+    total = jax.ops.segment_sum(excess, bin_id, num_segments=bins)
+    count = jax.ops.segment_sum(jnp.ones_like(excess), bin_id, num_segments=bins)
+    # leave-one-out mean of the bin: the gain at a pixel never depends on its own noise
+    loo = (total[bin_id] - excess) / jnp.maximum(count[bin_id] - 1.0, 1.0)
+    prior = jnp.maximum(loo, 0.0).reshape(y.shape)
+    both = prior + var_n
+    gain = jnp.where(both > 0, prior / jnp.where(both > 0, both, 1.0), 1.0)
+    return mu + gain * r
+
+
+@functools.partial(jax.jit, static_argnames=("bins",))
+def _posterior(y, mu, a, b, bins):
+    h, w = y.shape[-2:]
+    flat = jax.vmap(lambda yy, mm: _posterior_plane(yy, mm, a, b, bins))(
+        y.reshape(-1, h, w), mu.reshape(-1, h, w))
+    return flat.reshape(y.shape)
+
+
+def posterior_mean(noisy, prediction, noise: Union[NoiseModel, float], *,
+                   bins: int = 16) -> jax.Array:
+    """Per-pixel posterior mean ``mu + s_p^2 / (s_p^2 + s_n^2) * (y - mu)`` of an ``(..., H, W)``
+    image (float32, same shape; each ``(H, W)`` plane on its own).
+
+    ``noise``: a :class:`NoiseModel` (``s_n^2 = a * mu + b``) or a scalar noise variance.
+    ``s_p^2 = max(mean(r^2 - s_n^2), 0)`` over the other pixels of the same bin of the prediction's
+    gradient energy (``bins`` equal-count bins; ``bins=1``: one prior variance per plane).
+    ``s_n^2 -> 0`` returns ``noisy``; ``s_n^2 -> inf`` returns ``prediction``. ``bins`` is static;
+    the arrays and the noise parameters may be traced.
+    """
+    y = jnp.asarray(noisy, jnp.float32)
+    mu = jnp.asarray(prediction, jnp.float32)
+    if y.shape != mu.shape or y.ndim < 2:
+        raise ValueError(f"noisy {y.shape} and prediction {mu.shape} must be equal (..., H, W)")
+    if isinstance(bins, bool) or int(bins) != bins or bins < 1:
+        raise ValueError(f"bins must be an integer >= 1, got {bins!r}")
+    nm = noise if isinstance(noise, NoiseModel) else NoiseModel(0.0, noise)
+    return _posterior(y, mu, jnp.float32(nm.a), jnp.float32(nm.b), int(bins))
+
+
+def posterior_step(noisy, prediction, noise_model: str = "gaussian", *,
+                   bins: int = 16) -> np.ndarray:
+    """The pipeline's per-plane call: estimate the noise model from ``noisy - prediction`` and
+    return the posterior mean as a float32 NumPy array."""
+    model = estimate_noise(noisy, prediction, model=noise_model)
+    return np.asarray(posterior_mean(noisy, prediction, model, bins=bins))

@@ -1,0 +1,125 @@
+"""Posterior-mean final step: limits, shapes, independence of the pixel's own noise, noise estimates."""
+
+import jax
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from autostructn2v_jax import posterior
+
+
+def _scene(seed=0, size=96):
+    rng = np.random.default_rng(seed)
+    clean = ndimage.gaussian_filter(rng.random((size, size)), 3)
+    clean = (clean - clean.min()) / (clean.max() - clean.min())
+    # a blind-spot-like prediction: error independent of the noise
+    mu = clean + 0.03 * ndimage.gaussian_filter(rng.standard_normal(clean.shape), 1) / 0.28
+    return rng, clean.astype(np.float32), mu.astype(np.float32)
+
+
+def test_zero_noise_returns_observation_and_huge_noise_returns_prediction():
+    rng, clean, mu = _scene()
+    y = (clean + 0.1 * rng.standard_normal(clean.shape)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(posterior.posterior_mean(y, mu, 0.0)), y, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(posterior.posterior_mean(y, mu, 1e6)), mu, atol=1e-6)
+    nm = posterior.NoiseModel(0.0, 1e6)
+    np.testing.assert_allclose(np.asarray(posterior.posterior_mean(y, mu, nm, bins=1)), mu, atol=1e-6)
+
+
+@pytest.mark.parametrize("bins", [1, 4, 16])
+def test_output_lies_between_prediction_and_observation(bins):
+    rng, clean, mu = _scene(1)
+    y = (clean + 0.1 * rng.standard_normal(clean.shape)).astype(np.float32)
+    out = np.asarray(posterior.posterior_mean(y, mu, 0.01, bins=bins))
+    lo, hi = np.minimum(y, mu), np.maximum(y, mu)
+    assert np.all(out >= lo - 1e-6) and np.all(out <= hi + 1e-6)
+    assert not np.allclose(out, mu) and not np.allclose(out, y)
+
+
+def test_posterior_beats_the_prediction_and_adapts_to_edges():
+    rng, clean, mu = _scene(1)
+    # prediction error concentrated where the image has structure (as for a real network)
+    edges = posterior._gradient_energy(clean)
+    edges = np.asarray(edges) > np.quantile(np.asarray(edges), 0.8)
+    mu = np.where(edges, clean + 0.08 * rng.standard_normal(clean.shape), mu).astype(np.float32)
+    y = (clean + 0.1 * rng.standard_normal(clean.shape)).astype(np.float32)
+    mse = lambda x: float(np.mean((np.asarray(x) - clean) ** 2))  # noqa: E731
+    one = mse(posterior.posterior_mean(y, mu, 0.01, bins=1))
+    binned = mse(posterior.posterior_mean(y, mu, 0.01, bins=16))
+    assert binned < one < 0.95 * mse(mu)
+
+
+def test_shapes_dtypes_and_jit():
+    rng, clean, mu = _scene(2, 40)
+    y = clean + 0.1 * rng.standard_normal(clean.shape)  # float64 in
+    out = posterior.posterior_mean(y, mu, 0.01)
+    assert out.shape == y.shape and out.dtype == np.float32
+    stack = posterior.posterior_mean(np.stack([y, 2 * y]), np.stack([mu, mu]), 0.01, bins=8)
+    assert stack.shape == (2, 40, 40)
+    np.testing.assert_allclose(np.asarray(stack[0]), np.asarray(posterior.posterior_mean(y, mu, 0.01, bins=8)),
+                               atol=1e-6)  # planes are independent
+    jitted = jax.jit(lambda a, b, v: posterior.posterior_mean(a, b, posterior.NoiseModel(0.0, v)))
+    np.testing.assert_allclose(np.asarray(jitted(y, mu, 0.01)), np.asarray(out), atol=1e-6)
+    step = posterior.posterior_step(y, mu)
+    assert isinstance(step, np.ndarray) and step.dtype == np.float32 and step.shape == y.shape
+    with pytest.raises(ValueError):
+        posterior.posterior_mean(y, mu[:-1], 0.01)
+    with pytest.raises(ValueError, match="bins"):
+        posterior.posterior_mean(y, mu, 0.01, bins=0)
+
+
+def test_gain_at_a_pixel_does_not_depend_on_its_own_noise():
+    rng, clean, mu = _scene(3, 32)
+    y = (clean + 0.1 * rng.standard_normal(clean.shape)).astype(np.float32)
+    p = (16, 16)
+
+    def gain(yy, bins=4):
+        out = np.asarray(posterior.posterior_mean(yy, mu, 0.003, bins=bins))
+        return (out[p] - mu[p]) / (yy[p] - mu[p])
+
+    base = gain(y)
+    assert 0 < base < 1
+    other = y.copy()
+    other[p] += 0.7
+    assert gain(other) == pytest.approx(base, rel=1e-4)
+    assert gain(other, bins=1) == pytest.approx(gain(y, bins=1), rel=1e-4)
+    other = y.copy()
+    other[:, :8] += 0.7  # other pixels' residuals do count
+    assert gain(other, bins=1) != pytest.approx(gain(y, bins=1), rel=1e-3)
+
+
+def test_gaussian_noise_estimate():
+    rng, clean, mu = _scene(4, 128)
+    y = clean + 0.1 * rng.standard_normal(clean.shape)
+    est = posterior.estimate_noise(y, clean)
+    assert est.a == 0.0 and np.sqrt(est.b) == pytest.approx(0.1, rel=0.03)
+    # with an imperfect prediction the error adds a little
+    assert np.sqrt(posterior.estimate_noise(y, mu).b) == pytest.approx(0.1, rel=0.1)
+    # without a prediction: the high-pass estimate (white noise)
+    assert np.sqrt(posterior.estimate_noise(y).b) == pytest.approx(0.1, rel=0.1)
+
+
+def test_noise_estimate_of_a_stack_pools_its_planes():
+    rng, clean, _ = _scene(6, 64)
+    stack = np.stack([clean, clean[::-1]])
+    noisy = stack + 0.05 * rng.standard_normal(stack.shape)
+    assert np.sqrt(posterior.estimate_noise(noisy, stack).b) == pytest.approx(0.05, rel=0.05)
+    assert np.sqrt(posterior.estimate_noise(noisy).b) == pytest.approx(0.05, rel=0.1)
+    with pytest.raises(ValueError, match="shape"):
+        posterior.estimate_noise(noisy, stack[0])
+
+
+def test_poisson_gaussian_noise_estimate():
+    rng, clean, _ = _scene(5, 160)
+    y = clean + rng.standard_normal(clean.shape) * np.sqrt(0.04 * clean + 0.001)
+    est = posterior.estimate_noise(y, clean, model="poisson_gaussian")
+    assert est.a == pytest.approx(0.04, rel=0.15)
+    # the intercept is extrapolated far below the data; the variance inside the data range is what matters
+    for level in (0.3, 0.5, 0.7):
+        assert float(est.variance(level)) == pytest.approx(0.04 * level + 0.001, rel=0.08)
+    # Gaussian data: the fitted slope is ~0 (or the Gaussian fallback)
+    yg = clean + 0.05 * rng.standard_normal(clean.shape)
+    eg = posterior.estimate_noise(yg, clean, model="poisson_gaussian")
+    assert abs(eg.a) < 0.003 and np.sqrt(eg.a * 0.5 + eg.b) == pytest.approx(0.05, rel=0.08)
+    with pytest.raises(ValueError, match="noise model"):
+        posterior.estimate_noise(y, clean, model="histogram")
