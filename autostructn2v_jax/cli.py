@@ -165,7 +165,7 @@ def _cmd_predict(args) -> int:
 
 def _cmd_extract_mask(args, overrides) -> int:
     from autostructn2v_jax import config as config_lib
-    from autostructn2v_jax import pipeline, structure
+    from autostructn2v_jax import extraction, maskfile, pipeline
     from autostructn2v_jax.errors import UserInputError
 
     out = pathlib.Path(args.output)
@@ -175,13 +175,14 @@ def _cmd_extract_mask(args, overrides) -> int:
         raise UserInputError(f"{out}: exists; pass --overwrite to replace it")
     cfg = _load_config(args.config)
     config_lib.apply_overrides(cfg, overrides)
-    structure.validate_extractor_config(cfg.stage2.extractor, prefix="stage2.extractor")
+    config_lib.validate_extractor_config(cfg.stage2.extractor, prefix="stage2.extractor")
     ds = pipeline.load_dataset(args.input, cfg.axes)
-    patches = pipeline._structure_patches(ds.flat(), cfg.stage2.extractor, int(cfg.random_seed))
-    mask, _ = structure.find_structural_mask(patches, cfg.stage2.extractor)
+    # The very call the pipeline makes for mask_source="extractor" (same patches, pixel count, cap).
+    mask, info = extraction.mask_from_planes(ds.flat(), cfg.stage2.extractor, int(cfg.random_seed),
+                                             patch_size=int(cfg.stage2.patch_size))
     out.parent.mkdir(parents=True, exist_ok=True)
-    structure.save_mask(out, mask)
-    print(f"{out}: {structure.mask_summary(mask)}")
+    maskfile.save_mask(out, mask)
+    print(f"{out}: {info['summary']}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The four execution modes, composed from data, structure, train and predict.
+"""The four execution modes, composed from data, extraction, train and predict.
 
 1. full pipeline (`run_stage1`, `run_stage2`; the mask from the raw images by default, or from the
    stage-1 output with `stage2.mask_source` = stage1 / stage1_residual)
@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from autostructn2v_jax import config as config_lib
-from autostructn2v_jax import data, files, masking, models, predict, stream, structure, synth, train
+from autostructn2v_jax import data, extraction, files, maskfile, masking, models, predict, stream, synth, train
 from autostructn2v_jax.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -118,66 +118,6 @@ def _stage_model_json(stage_dir: pathlib.Path, stage_cfg, kernel: np.ndarray, na
     ), indent=2))
 
 
-def _structure_bank(planes: list[np.ndarray], ext_cfg) -> tuple[data.ImageBank, int]:
-    """The bank the autocorrelation patches are drawn from, and their side.
-
-    The background regions (`use_background`) are chosen on the planes as given; the images in
-    the bank are then the planes high-passed by `structure.highpass(plane, highpass_sigma)` (0: as
-    given), so the image's own smooth correlation does not enter the ACF."""
-    size = min(int(ext_cfg.patch_size), *(min(p.shape) for p in planes))
-    bank = data.make_bank(planes, size, bool(ext_cfg.use_background), 0.5, 0.25, True)
-    sigma = float(ext_cfg.get("highpass_sigma", 0.0))
-    if sigma > 0:
-        images = np.zeros_like(bank.images)
-        for i, p in enumerate(planes):
-            images[i, : p.shape[0], : p.shape[1]] = structure.highpass(p, sigma)
-        bank = bank._replace(images=images)
-    return bank, size
-
-
-def _structure_patches(planes: list[np.ndarray], ext_cfg, seed: int) -> np.ndarray:
-    """Patches for the autocorrelation (see `_structure_bank`): never augmented (rotations would
-    wash the correlation out)."""
-    bank, size = _structure_bank(planes, ext_cfg)
-    key = jax.random.fold_in(jax.random.key(seed), 0xAC)
-    return np.asarray(jax.jit(data.sample_patches, static_argnums=(2, 3))(
-        key, jax.device_put(bank), size, int(ext_cfg.num_patches)))
-
-
-def _structure_pixel_count(planes: list[np.ndarray], ext_cfg) -> int:
-    """Distinct pixels the autocorrelation patches can cover: the union of the patch positions
-    that can be drawn (all of a plane without `use_background`).  The independent-sample count of
-    the significance test -- the patches overlap heavily, so `num_patches * patch_size**2` would
-    overstate it."""
-    size = min(int(ext_cfg.patch_size), *(min(p.shape) for p in planes))
-    bank = data.make_bank(planes, size, bool(ext_cfg.use_background), 0.5, 0.25, True)
-    covered = 0
-    for i, (h, w) in enumerate(np.asarray(bank.shapes)):
-        rows = bank.corners[bank.corners[:, 0] == i]
-        if len(rows) == 0:
-            continue
-        if np.any(rows[:, 1] < 0):  # uniform corners: the whole plane
-            covered += int(h) * int(w)
-            continue
-        foot = np.zeros((int(h), int(w)), bool)
-        for _, y, x in rows:
-            foot[y:y + size, x:x + size] = True
-        covered += int(foot.sum())
-    return covered
-
-
-def mask_from_planes(planes: list[np.ndarray], ext_cfg, seed: int):
-    """(mask, info) of the autocorrelation of patches of normalised `planes` (`stage2.extractor`)."""
-    patches = _structure_patches(planes, ext_cfg, seed)
-    num_pixels = None  # significance test: distinct pixels, not overlapping patch pixels
-    if ext_cfg.method == "significance" and int(ext_cfg.num_pixels) == 0:
-        half = int(ext_cfg.center_size) // 2
-        n, h, w = patches.shape
-        covered = _structure_pixel_count(planes, ext_cfg)
-        num_pixels = max(1, min(n * max(h - half, 1) * max(w - half, 1), covered))
-    return structure.find_structural_mask(patches, ext_cfg, num_pixels=num_pixels)
-
-
 def check_kernel_fits(kernel: np.ndarray, patch_size: int, source: str) -> None:
     """A structural kernel must fit (with its one-pixel gap) into a stage-2 training patch."""
     try:
@@ -198,26 +138,32 @@ def find_mask(cfg, ds: Dataset, train_planes_for_acf: list[np.ndarray], run_dir:
     mask_dir.mkdir(parents=True, exist_ok=True)
     info: dict = {"source": s2.mask_source}
     if s2.mask_source == "file":
-        mask = mask_file if mask_file is not None else structure.load_mask_file(s2.mask_file_path)
+        mask = mask_file if mask_file is not None else maskfile.load_mask_file(s2.mask_file_path)
     else:
         ext = s2.extractor
-        mask, extracted = mask_from_planes(train_planes_for_acf, ext, int(cfg.random_seed))
+        mask, extracted = extraction.mask_from_planes(train_planes_for_acf, ext, int(cfg.random_seed),
+                                                      patch_size=int(s2.patch_size))
         check_kernel_fits(mask, int(s2.patch_size), "config stage2.extractor.center_size")
         info.update(extracted)
         info["highpass_sigma"] = float(ext.highpass_sigma)
         acf = np.asarray(extracted["acf_crop"], np.float32)
         files.atomic_write(mask_dir / "autocorrelation.npy", lambda f: np.save(f, acf), ".npy")
-    structure.save_mask(mask_dir / "structural_mask.npy", mask)
-    summary = structure.mask_summary(mask)
+    maskfile.save_mask(mask_dir / "structural_mask.npy", mask)
+    summary = info.get("summary") or extraction.mask_summary(mask)
     info["summary"] = summary
     tiled, _ = masking.tile_mask(jax.random.key(int(cfg.random_seed)), mask,
                                  (int(s2.patch_size),) * 2, float(s2.mask_percentage))
     try:
-        structure.plot_mask_figure(info, mask, np.asarray(tiled), mask_dir / "mask.png")
+        from autostructn2v_jax import report
+
+        report.plot_mask_figure(info, mask, np.asarray(tiled), mask_dir / "mask.png")
     except Exception as err:  # a figure must never cost a run
         log.warning("could not draw mask figure: %s", err)
     write_text_atomic(mask_dir / "extraction.json", json.dumps(_jsonable(info), indent=2))
     log.info("stage 2 structural mask (%s): %s", s2.mask_source, summary)
+    if info.get("truncated"):
+        log.warning("the noise correlation is longer than the largest mask (stage2.extractor.max_center_size): "
+                    "stage 2 cannot remove it fully (stripes along whole rows or columns need destriping first)")
     if mask.sum() == 1:
         log.info("no structure found: stage 2 trains as plain N2V with the stage-2 settings")
     return mask, info
@@ -302,7 +248,7 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
     # Everything else that can fail on user input is loaded before the run folder is touched.
     mask_file = None
     if cfg.run_stage2 and cfg.stage2.mask_source == "file":
-        mask_file = structure.load_mask_file(cfg.stage2.mask_file_path)
+        mask_file = maskfile.load_mask_file(cfg.stage2.mask_file_path)
         check_kernel_fits(mask_file, int(cfg.stage2.patch_size), f"mask file {cfg.stage2.mask_file_path}")
     clean_refs = load_clean_references(cfg, ds)
     run_dir = prepare_run_dir(cfg)

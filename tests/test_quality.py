@@ -16,7 +16,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from autostructn2v_jax import config, pipeline, structure, synth
+from autostructn2v_jax import config, extraction, maskfile, pipeline, synth
 
 pytestmark = pytest.mark.slow
 
@@ -90,16 +90,16 @@ def test_stage2_beats_stage1_on_x_correlated_noise(hcorr_data, tmp_path):
     gain = psnr["stage2"] - psnr["stage1"]
     print(f"\nx-correlated noise: noisy {psnr['noisy']:.2f} dB, stage 1 {psnr['stage1']:.2f} dB, "
           f"stage 2 {psnr['stage2']:.2f} dB (+{gain:.2f} dB over stage 1; threshold "
-          f"+{STAGE2_MIN_GAIN_DB} dB); mask: {structure.mask_summary(mask)}")
+          f"+{STAGE2_MIN_GAIN_DB} dB); mask: {extraction.mask_summary(mask)}")
     # The mask is a horizontal segment through the centre, at least 3 pixels long.
-    assert mask[c].sum() >= 3 and mask.sum() == mask[c].sum(), structure.mask_summary(mask)
+    assert mask[c].sum() >= 3 and mask.sum() == mask[c].sum(), extraction.mask_summary(mask)
     assert psnr["stage1"] > psnr["noisy"], psnr
     assert gain >= STAGE2_MIN_GAIN_DB, psnr
 
 
 def test_augmentation_does_not_hurt_structured_noise(hcorr_data, tmp_path):
     mask_path = tmp_path / "hline.npy"
-    structure.save_mask(mask_path, horizontal_line_mask())
+    maskfile.save_mask(mask_path, horizontal_line_mask())
     reached = {}
     for aug in (True, False):
         cfg = small_config(hcorr_data, tmp_path / f"run_aug{int(aug)}")
