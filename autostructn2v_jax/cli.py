@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="folder to create (noisy/ and clean/ inside)")
     p.add_argument("--count", type=int, default=4)
     p.add_argument("--size", type=int, default=256)
-    p.add_argument("--noise", default="hcorr", choices=("white", "hcorr", "vcorr"))
+    p.add_argument("--noise", default="hcorr", choices=("white", "hcorr", "vcorr", "corr2d"))
     p.add_argument("--seed", type=int, default=0)
     return parser
 
