@@ -27,8 +27,9 @@ SEED = 0
 STAGE1_MIN_GAIN_DB = 6.0
 # Stage 2 over stage 1 on x-correlated noise: measured +4.2 / +5.4 / +4.9 dB (seeds 0 / 1 / 2).
 STAGE2_MIN_GAIN_DB = 2.0
-# Stage 2 over stage 1 on 2-D (Gaussian sigma 1) correlated noise: measured MEASURED (seed 0).
-STAGE2_2D_MIN_GAIN_DB = 1.0
+# Stage 2 over stage 1 on 2-D (Gaussian sigma 1) correlated noise, 15 epochs: measured +1.76 dB
+# (seed 0; 41-pixel 7x7 mask).
+STAGE2_2D_MIN_GAIN_DB = 0.8
 # Augmentation on vs off (same mask file, data, steps): measured aug - no-aug = +0.66 / +0.75 /
 # +0.27 dB (seeds 0 / 1 / 2).
 # Flips/rotations turn the kernel with the patch, so augmentation must not hurt; 0.3 dB allows
@@ -103,7 +104,9 @@ def test_stage2_beats_stage1_on_2d_correlated_noise(tmp_path):
     # Noise blurred by a Gaussian of sigma 1 (correlated in every direction): the default
     # (deconvolved) extractor must find a 2-D mask, and stage 2 must gain over stage 1.
     data_dir = synth.write_demo_data(tmp_path / "data", count=4, size=128, case="corr2d", seed=SEED)
-    cfg = small_config(data_dir, tmp_path / "run")
+    # 15 epochs: with 5, stage 2 (a 41-pixel mask leaves few loss pixels per patch) had not yet
+    # caught up with stage 1 (measured -0.7 dB).
+    cfg = small_config(data_dir, tmp_path / "run", epochs=15)
     cfg.stage2.mask_source = "extractor"
     psnr = pipeline.run_pipeline(cfg)["psnr"]["mean"]
     mask = np.load(tmp_path / "run" / "mask" / "structural_mask.npy")
