@@ -292,7 +292,9 @@ def plot_mask_figure(info: dict, mask, tiled_mask, path: str | os.PathLike) -> N
     for ax, (title, a, cmap, bar) in zip(axes, panels):
         h = a.shape[0] // 2
         ext = (-h - 0.5, h + 0.5, h + 0.5, -h - 0.5)
-        lim = max(float(np.abs(a).max()), 1e-6) if bar else 1.0
+        off = np.abs(a).copy()
+        off[h, h] = 0.0  # scale by the off-centre lags (the centre is 1 and saturates)
+        lim = max(float(off.max()), 1e-6) if bar else 1.0
         im = ax.imshow(a, cmap=cmap, vmin=-lim if bar else 0, vmax=lim, extent=ext, interpolation="nearest")
         if bar:
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
