@@ -160,6 +160,7 @@ def _significance_method(
     info["standard_error"] = 1.0 / math.sqrt(num_pixels)
     return finish(cand, excess, cfg), info
 
+
 def _deconvolved_method(detected: np.ndarray, info: dict, noise_acf: Any, cfg: Any) -> tuple[np.ndarray, dict]:
     """Extent from the recovered noise ACF, when the significance detector found any structure."""
     if noise_acf is None:
