@@ -67,12 +67,12 @@ def extract_mask(planes, config=None, *, seed: int = 0):
 
     Returns `(mask, info)`; `config` is a `stage2.extractor` ConfigDict (defaults when None).
     """
-    from autostructn2v_jax import pipeline, preprocess, structure
+    from autostructn2v_jax import extraction, preprocess
 
     ext = config if config is not None else config_lib.base_config().stage2.extractor
-    structure.validate_extractor_config(ext)
+    config_lib.validate_extractor_config(ext)
     normed = [preprocess.normalize(np.asarray(p, np.float32))[0] for p in planes]
-    return pipeline.mask_from_planes(normed, ext, seed)
+    return extraction.mask_from_planes(normed, ext, seed)
 
 
 def history(run_dir: str | os.PathLike) -> dict:

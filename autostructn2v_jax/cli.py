@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="folder to create (noisy/ and clean/ inside)")
     p.add_argument("--count", type=int, default=4)
     p.add_argument("--size", type=int, default=256)
-    p.add_argument("--noise", default="hcorr", choices=("white", "hcorr", "vcorr"))
+    p.add_argument("--noise", default="hcorr", choices=("white", "hcorr", "vcorr", "corr2d"))
     p.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -175,7 +175,7 @@ def _cmd_predict(args) -> int:
 
 def _cmd_extract_mask(args, overrides) -> int:
     from autostructn2v_jax import config as config_lib
-    from autostructn2v_jax import pipeline, structure
+    from autostructn2v_jax import extraction, maskfile, pipeline
     from autostructn2v_jax.errors import UserInputError
 
     out = pathlib.Path(args.output)
@@ -185,13 +185,14 @@ def _cmd_extract_mask(args, overrides) -> int:
         raise UserInputError(f"{out}: exists; pass --overwrite to replace it")
     cfg = _load_config(args.config)
     config_lib.apply_overrides(cfg, overrides)
-    structure.validate_extractor_config(cfg.stage2.extractor, prefix="stage2.extractor")
+    config_lib.validate_extractor_config(cfg.stage2.extractor, prefix="stage2.extractor")
     ds = pipeline.load_dataset(args.input, cfg.axes)
-    patches = pipeline._structure_patches(ds.flat(), cfg.stage2.extractor, int(cfg.random_seed))
-    mask, _ = structure.find_structural_mask(patches, cfg.stage2.extractor)
+    # The very call the pipeline makes for mask_source="extractor" (same patches, pixel count, cap).
+    mask, info = extraction.mask_from_planes(ds.flat(), cfg.stage2.extractor, int(cfg.random_seed),
+                                             patch_size=int(cfg.stage2.patch_size))
     out.parent.mkdir(parents=True, exist_ok=True)
-    structure.save_mask(out, mask)
-    print(f"{out}: {structure.mask_summary(mask)}")
+    maskfile.save_mask(out, mask)
+    print(f"{out}: {info['summary']}")
     return 0
 
 

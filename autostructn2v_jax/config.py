@@ -15,17 +15,16 @@ from typing import Any, Iterable
 import ml_collections
 
 from autostructn2v_jax.errors import ConfigError, UserInputError
+from autostructn2v_jax.extractor_config import (  # noqa: F401  (re-exported)
+    EXTRACTOR_DEFAULTS,
+    EXTRACTOR_METHODS,
+    extractor_config,
+    validate_extractor_config,
+)
 
 FORMAT_VERSION = 2  # 2: one checkpoint per epoch holding state, best variables and history
 MASK_SOURCES = ("stage1", "stage1_residual", "file", "extractor")
 POSTERIOR_MODES = ("off", "gaussian", "poisson_gaussian")  # "off" + posterior.NOISE_MODELS
-
-
-def extractor_config() -> ml_collections.ConfigDict:
-    """Structural-mask extractor keys (`stage2.extractor`)."""
-    from autostructn2v_jax import structure
-
-    return structure.default_extractor_config()
 
 
 def _stage(**overrides: Any) -> ml_collections.ConfigDict:
@@ -216,7 +215,7 @@ def validate_stage(stage: ml_collections.ConfigDict, name: str) -> None:
 
 def validate_config(cfg: ml_collections.ConfigDict, *, need_io: bool = True) -> None:
     """Raise ConfigError naming the first invalid key."""
-    from autostructn2v_jax import policy, preprocess, structure
+    from autostructn2v_jax import policy, preprocess
 
     if need_io:
         _check(bool(cfg.input_dir), "input_dir", "is required (--config.input_dir=DIR)")
@@ -258,7 +257,7 @@ def validate_config(cfg: ml_collections.ConfigDict, *, need_io: bool = True) -> 
             _check(bool(cfg.stage2.mask_file_path), "stage2.mask_file_path",
                    "is required when stage2.mask_source='file'")
         ext = cfg.stage2.extractor
-        structure.validate_extractor_config(ext, prefix="stage2.extractor")
+        validate_extractor_config(ext, prefix="stage2.extractor")
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:
@@ -327,7 +326,11 @@ DESCRIPTIONS = {
     "predict_tile_size": "tile side for whole-image prediction (halo added on top)",
     "mask_source": "extractor (autocorrelation of the raw images; the default), stage1 (autocorrelation of stage-1 output), stage1_residual (noisy - stage 1), file",
     "mask_file_path": "a .npy structural mask (2D, odd sides, centre True) for mask_source=file",
-    "method": "ring (ring-by-ring thresholds) or significance (lags significantly above white noise)",
+    "method": "deconvolved (significance test as detector, extent from the noise ACF recovered from the flattest tiles), significance (lags significantly above white noise after the high-pass) or ring (ring-by-ring thresholds)",
+    "max_center_size": "the crop grows (by 4) up to this side while the mask reaches its edge; a mask still at the edge is reported as truncated",
+    "flat_fraction": "deconvolved: the 32-pixel tiles whose coarse variance is at most 1.5x this quantile are the flat ones whose autocorrelation is inverted",
+    "deconv_threshold": "deconvolved: smallest recovered noise correlation kept in the mask",
+    "deconv_detect_threshold": "deconvolved: a recovered correlation this high counts as structure even when the significance test finds none (1.0: only the significance test detects)",
     "center_size": "side of the autocorrelation crop and the largest mask (odd)",
     "adapt_autocorr": "subtract a radially growing threshold surface before thresholding",
     "adapt_CB": "strength of that surface (percent)",

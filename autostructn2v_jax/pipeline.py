@@ -1,5 +1,5 @@
-"""The four execution modes and the run folder (composed from tiffio, preprocess, structure, train
-and inference).
+"""The four execution modes and the run folder (composed from tiffio, preprocess, extraction,
+train and inference).
 
 1. full pipeline (`run_stage1`, `run_stage2`; the mask from the raw images by default, or from the
    stage-1 output with `stage2.mask_source` = stage1 / stage1_residual)
@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from autostructn2v_jax import config as config_lib
-from autostructn2v_jax import files, inference, masking, parallel, policy, preprocess, sampling, structure, synth, tiffio, train
+from autostructn2v_jax import extraction, files, inference, maskfile, masking, parallel, policy, preprocess, synth, tiffio, train
 from autostructn2v_jax.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -101,64 +101,6 @@ def denoise_dataset(model: inference.StageModel, ds: Dataset, out_dir: pathlib.P
     return finals, raws
 
 
-def _structure_bank(planes: list[np.ndarray], ext_cfg) -> tuple[sampling.ImageBank, int]:
-    """The bank the autocorrelation patches are drawn from, and their side.
-
-    The background regions (`use_background`) are chosen on the planes as given; the images in
-    the bank are then the planes high-passed by `structure.highpass(plane, highpass_sigma)` (0: as
-    given), so the image's own smooth correlation does not enter the ACF."""
-    size = min(int(ext_cfg.patch_size), *(min(p.shape) for p in planes))
-    bank = sampling.make_bank(planes, size, bool(ext_cfg.use_background), 0.5, 0.25, True)
-    sigma = float(ext_cfg.get("highpass_sigma", 0.0))
-    if sigma > 0:
-        images = np.zeros_like(bank.images)
-        for i, p in enumerate(planes):
-            images[i, : p.shape[0], : p.shape[1]] = structure.highpass(p, sigma)
-        bank = bank._replace(images=images)
-    return bank, size
-
-
-def _structure_patches(planes: list[np.ndarray], ext_cfg, seed: int) -> np.ndarray:
-    """Patches for the autocorrelation (see `_structure_bank`): never augmented (rotations would
-    wash the correlation out)."""
-    bank, size = _structure_bank(planes, ext_cfg)
-    key = jax.random.fold_in(jax.random.key(seed), 0xAC)
-    return np.asarray(jax.jit(sampling.sample_patches, static_argnums=(2, 3))(
-        key, jax.device_put(bank), size, int(ext_cfg.num_patches)))
-
-
-def _structure_pixel_count(planes: list[np.ndarray], ext_cfg) -> int:
-    """Distinct pixels the autocorrelation patches can cover: the union of the patch positions
-    that can be drawn (all of a plane without `use_background`).  The independent-sample count of
-    the significance test -- the patches overlap heavily, so `num_patches * patch_size**2` would
-    overstate it."""
-    size = min(int(ext_cfg.patch_size), *(min(p.shape) for p in planes))
-    bank = sampling.make_bank(planes, size, bool(ext_cfg.use_background), 0.5, 0.25, True)
-    covered = 0
-    for i, (h, w) in enumerate(np.asarray(bank.shapes)):
-        rows = bank.corners[bank.corners[:, 0] == i]
-        if len(rows) == 0:
-            continue
-        if np.any(rows[:, 1] < 0):  # uniform corners: the whole plane
-            covered += int(h) * int(w)
-            continue
-        foot = np.zeros((int(h), int(w)), bool)
-        for _, y, x in rows:
-            foot[y:y + size, x:x + size] = True
-        covered += int(foot.sum())
-    return covered
-
-
-def mask_from_planes(planes: list[np.ndarray], ext_cfg, seed: int):
-    """(mask, info) of the autocorrelation of patches of normalised `planes` (`stage2.extractor`)."""
-    patches = _structure_patches(planes, ext_cfg, seed)
-    num_pixels = None  # significance test: distinct pixels, not overlapping patch pixels
-    if ext_cfg.method == "significance" and int(ext_cfg.num_pixels) == 0:
-        half = int(ext_cfg.center_size) // 2
-        n, h, w = patches.shape
-        covered = _structure_pixel_count(planes, ext_cfg)
-        num_pixels = max(1, min(n * max(h - half, 1) * max(w - half, 1), covered))
-    return structure.find_structural_mask(patches, ext_cfg, num_pixels=num_pixels)
 
 
 def check_kernel_fits(kernel: np.ndarray, patch_size: int, source: str) -> None:
@@ -179,17 +121,21 @@ def find_mask(cfg, ds: Dataset, train_planes_for_acf: list[np.ndarray], run_dir:
     s2 = cfg.stage2
     info: dict = {"source": s2.mask_source}
     if s2.mask_source == "file":
-        mask = mask_file if mask_file is not None else structure.load_mask_file(s2.mask_file_path)
+        mask = mask_file if mask_file is not None else maskfile.load_mask_file(s2.mask_file_path)
     else:
         ext = s2.extractor
-        mask, extracted = mask_from_planes(train_planes_for_acf, ext, int(cfg.random_seed))
+        mask, extracted = extraction.mask_from_planes(train_planes_for_acf, ext, int(cfg.random_seed),
+                                                      patch_size=int(s2.patch_size))
         check_kernel_fits(mask, int(s2.patch_size), "config stage2.extractor.center_size")
         info.update(extracted)
         info["highpass_sigma"] = float(ext.highpass_sigma)
-    info["summary"] = structure.mask_summary(mask)
+    info["summary"] = extraction.mask_summary(mask)
     if parallel.is_main_process():
         _write_mask_dir(run_dir / "mask", mask, info, cfg)
     log.info("stage 2 structural mask (%s): %s", s2.mask_source, info["summary"])
+    if info.get("truncated"):
+        log.warning("the noise correlation is longer than the largest mask (stage2.extractor.max_center_size): "
+                    "stage 2 cannot remove it fully (stripes along whole rows or columns need destriping first)")
     if mask.sum() == 1:
         log.info("no structure found: stage 2 trains as plain N2V with the stage-2 settings")
     return mask, info
@@ -202,11 +148,13 @@ def _write_mask_dir(mask_dir: pathlib.Path, mask: np.ndarray, info: dict, cfg) -
     if "acf_crop" in info:
         acf = np.asarray(info["acf_crop"], np.float32)
         files.atomic_write(mask_dir / "autocorrelation.npy", lambda f: np.save(f, acf), ".npy")
-    structure.save_mask(mask_dir / "structural_mask.npy", mask)
+    maskfile.save_mask(mask_dir / "structural_mask.npy", mask)
     tiled, _ = masking.tile_mask(jax.random.key(int(cfg.random_seed)), mask,
                                  (int(s2.patch_size),) * 2, float(s2.mask_percentage))
     try:
-        structure.plot_mask_figure(info, mask, np.asarray(tiled), mask_dir / "mask.png")
+        from autostructn2v_jax import report
+
+        report.plot_mask_figure(info, mask, np.asarray(tiled), mask_dir / "mask.png")
     except Exception as err:  # a figure must never cost a run
         log.warning("could not draw mask figure: %s", err)
     write_text_atomic(mask_dir / "extraction.json", json.dumps(_jsonable(info), indent=2))
@@ -286,7 +234,7 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
     # Everything else that can fail on user input is loaded before the run folder is touched.
     mask_file = None
     if cfg.run_stage2 and cfg.stage2.mask_source == "file":
-        mask_file = structure.load_mask_file(cfg.stage2.mask_file_path)
+        mask_file = maskfile.load_mask_file(cfg.stage2.mask_file_path)
         check_kernel_fits(mask_file, int(cfg.stage2.patch_size), f"mask file {cfg.stage2.mask_file_path}")
     clean_refs = load_clean_references(cfg, ds)
     run_dir = prepare_run_dir(cfg)

@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -251,3 +252,45 @@ def write_report(run_dir, *, clean_dir=None, max_images: int = 3) -> pathlib.Pat
     path = out / "report.html"
     atomic_write_text(path, page)
     return path
+
+
+def plot_mask_figure(info: dict, mask, tiled_mask, path: str | os.PathLike) -> None:
+    """``mask/mask.png``: what the extractor measured and what it decided (atomic write).
+
+    Panels: the correlation per lag after the high-pass (what the significance test sees), the
+    noise correlation recovered before the high-pass (``deconvolved`` method only), the mask with
+    the lags that passed outlined, and one random tiling of the mask over a training patch."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .files import atomic_write
+    from .maskshape import mask_summary
+
+    m = np.asarray(mask, dtype=bool)
+    rho = np.asarray(info.get("rho", info.get("acf_crop", np.zeros(m.shape))), dtype=float)
+    panels = [(f"correlation after high-pass ({info.get('method', '?')})", rho, "RdBu_r", True)]
+    if info.get("noise_acf") is not None:
+        panels.append(("recovered noise correlation", np.asarray(info["noise_acf"], float), "RdBu_r", True))
+    panels.append((f"mask: {info.get('summary') or mask_summary(m)}", m.astype(float), "gray", False))
+    fig = Figure(figsize=(4 * (len(panels) + 1), 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels) + 1)
+    for ax, (title, a, cmap, bar) in zip(axes, panels):
+        hy, hx = a.shape[0] // 2, a.shape[1] // 2  # a mask file need not be square
+        ext = (-hx - 0.5, hx + 0.5, hy + 0.5, -hy - 0.5)
+        off = np.abs(a).copy()
+        off[hy, hx] = 0.0  # scale by the off-centre lags (the centre is 1 and saturates)
+        lim = max(float(off.max()), 1e-6) if bar else 1.0
+        im = ax.imshow(a, cmap=cmap, vmin=-lim if bar else 0, vmax=lim, extent=ext, interpolation="nearest")
+        if bar:
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+            if a.shape == m.shape:  # outline the kept lags on the correlation maps
+                ax.contour(np.arange(-hx, hx + 1), np.arange(-hy, hy + 1), m.astype(float), levels=[0.5],
+                           colors="k", linewidths=1)
+        ax.set_title("\n".join(title[i:i + 48] for i in range(0, len(title), 48)), fontsize=8)
+        ax.set_xlabel("dx")
+        ax.set_ylabel("dy")
+    axes[-1].imshow(np.asarray(tiled_mask, dtype=bool), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    axes[-1].set_title("tiled mask (one patch)", fontsize=8)
+    fig.tight_layout()
+    atomic_write(os.fspath(path), lambda f: fig.savefig(f, format="png"), ".png")

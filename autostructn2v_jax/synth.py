@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from autostructn2v_jax.files import atomic_write
 
-NOISE_CASES = ("white", "hcorr", "vcorr")
+NOISE_CASES = ("white", "hcorr", "vcorr", "corr2d")
 
 
 def clean_image(rng: np.random.Generator, size: int = 256) -> np.ndarray:
@@ -49,12 +49,16 @@ def correlated_noise(rng: np.random.Generator, shape, length: int = 5, axis: int
 
 def add_noise(rng: np.random.Generator, clean: np.ndarray, case: str) -> np.ndarray:
     """`white`: Gaussian sigma 0.1. `hcorr`/`vcorr`: box-correlated (length 5) std 0.08 along x/y
-    plus independent std 0.04. No clipping: intensities keep their statistics."""
+    plus independent std 0.04. `corr2d`: white noise blurred by a Gaussian of sigma 1 (correlated
+    in every direction), std 0.08, plus independent std 0.04. No clipping: intensities keep their statistics."""
     if case == "white":
         noise = 0.1 * rng.standard_normal(clean.shape)
     elif case in ("hcorr", "vcorr"):
         axis = 1 if case == "hcorr" else 0
         noise = 0.08 * correlated_noise(rng, clean.shape, 5, axis) + 0.04 * rng.standard_normal(clean.shape)
+    elif case == "corr2d":
+        blob = ndimage.gaussian_filter(rng.standard_normal(clean.shape), 1.0, mode="wrap")
+        noise = 0.08 * blob / blob.std() + 0.04 * rng.standard_normal(clean.shape)
     else:
         raise ValueError(f"unknown noise case {case!r}; choose from {NOISE_CASES}")
     return (clean + noise).astype(np.float32)

@@ -29,7 +29,7 @@ import time
 import numpy as np
 import tifffile
 
-from autostructn2v_jax import api, structure, synth
+from autostructn2v_jax import api, extraction, synth
 
 CASES = ("white", "hcorr", "vcorr")
 SOURCES = ("raw", "stage1", "residual")
@@ -84,7 +84,7 @@ def main() -> None:
             ext.highpass_sigma, ext.method = sigma, method
             mask, _ = api.extract_mask(planes[source], ext, seed=seed)
             records.append(dict(case=case, seed=seed, source=source, highpass_sigma=sigma, method=method,
-                                right=is_right(mask, case), mask=structure.mask_summary(mask)))
+                                right=is_right(mask, case), mask=extraction.mask_summary(mask)))
     (out / "results.json").write_text(json.dumps(records, indent=2))
     print(f"{len(records)} extractions, {time.perf_counter() - t0:.0f} s\n")
     print("| source | high-pass sigma | method | " + " | ".join(CASES) + " | wrong masks seen |")

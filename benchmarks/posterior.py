@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from autostructn2v_jax import config as config_lib  # noqa: E402
-from autostructn2v_jax import data, masking, models, posterior, predict, synth, train  # noqa: E402
+from autostructn2v_jax import masking, preprocess, models, posterior, predict, synth, train  # noqa: E402
 from autostructn2v_jax.files import atomic_write_text  # noqa: E402
 
 # total noise variance per pixel of each case (the oracle)
@@ -99,7 +99,7 @@ def make_case(case: str, out: pathlib.Path, args) -> None:
     rng = np.random.default_rng(1 if case == "hcorr" else 0)
     clean = np.stack(clean_crops())
     noisy = np.stack([synth.add_noise(rng, c, case) for c in clean])
-    normed, stats = zip(*(data.normalize(x) for x in noisy))
+    normed, stats = zip(*(preprocess.normalize(x) for x in noisy))
     folder = out / case
     folder.mkdir(parents=True, exist_ok=True)
     saved = dict(clean=clean, noisy=noisy, mean=np.array([s["mean"] for s in stats]),

@@ -44,7 +44,8 @@ jax.config.update("jax_enable_compilation_cache", False)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from autostructn2v_jax import masking, models, parallel, predict, sampling, structure, train  # noqa: E402
+from autostructn2v_jax import autocorr, extraction, masking, models, parallel, predict, sampling, train  # noqa: E402
+from autostructn2v_jax import config as config_lib  # noqa: E402
 
 RESULTS: list[dict] = []
 
@@ -331,28 +332,28 @@ def bench_predict(features: int, depth: int, size: int, repeats: int) -> None:
 def bench_structure(n: int, size: int, repeats: int) -> None:
     print(f"\n[structure] find_structural_mask on {n} patches of {size}x{size} (device array), default config",
           flush=True)
-    cfg = structure.default_extractor_config()
+    cfg = config_lib.extractor_config()
     patches = jax.device_put(np.random.default_rng(2).standard_normal((n, size, size)).astype(np.float32))
     block(patches)
     t0 = time.perf_counter()
-    mask, _ = structure.find_structural_mask(patches, cfg)
+    mask, _ = extraction.find_structural_mask(patches, cfg)
     cold = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        structure.find_structural_mask(patches, cfg)
+        extraction.find_structural_mask(patches, cfg)
         times.append(time.perf_counter() - t0)
     warm = statistics.median(times)
     # Split of the warm time: autocorrelation (device, jitted) vs extraction (host, numpy/scipy).
     acf_t = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        acf = np.asarray(structure.autocorrelation(patches, normalize=True, log=True))
+        acf = np.asarray(autocorr.autocorrelation(patches, normalize=True, log=True))
         acf_t.append(time.perf_counter() - t0)
     ext_t = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        structure.extract_structural_mask(acf, cfg, is_log=True)
+        extraction.extract_structural_mask(acf, {**cfg.to_dict(), "method": "ring"}, is_log=True)
         ext_t.append(time.perf_counter() - t0)
     record("structural mask: cold (incl. compile)", cold * 1e3, "ms", note=f"mask {int(mask.sum())} px")
     record("structural mask: warm", warm * 1e3, "ms",

@@ -352,9 +352,9 @@ def test_extract_mask(data_dir, tmp_path, capsys):
     assert mask[mask.shape[0] // 2, mask.shape[1] // 2]
     assert str(out) in stdout
     # the written mask is accepted by mode 3's loader
-    from autostructn2v_jax import structure
+    from autostructn2v_jax import maskfile
 
-    assert np.array_equal(structure.load_mask_file(out), mask)
+    assert np.array_equal(maskfile.load_mask_file(out), mask)
 
     before = out.read_bytes()
     rc, _, err = run_main(args, capsys)

@@ -40,7 +40,8 @@ def test_method_defaults():
     assert not s2.use_roi and not s2.select_background and s2.mask_source == "extractor"
     assert (cfg.num_epochs, cfg.early_stopping_patience, cfg.random_seed) == (100, 10, 42)
     assert tuple(cfg.split_ratio) == (0.7, 0.15, 0.15)
-    assert s2.extractor.center_size == 11 and s2.extractor.max_true_pixels == 25
+    assert s2.extractor.center_size == 11 and s2.extractor.max_true_pixels == 121
+    assert s2.extractor.max_center_size == 31 and s2.extractor.method == "deconvolved"
 
 
 def test_overrides_parse_types():

@@ -1,4 +1,4 @@
-"""Bounded fuzz tests of the TIFF reading path (:func:`autostructn2v_jax.data.read_image`).
+"""Bounded fuzz tests of the TIFF reading path (:func:`autostructn2v_jax.tiffio.read_image`).
 
 Contract checked here: whatever bytes a ``*.tif`` file holds, ``read_image`` either
 

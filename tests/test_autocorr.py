@@ -1,0 +1,139 @@
+"""Property tests for the high-pass inversion and tile selection (autocorr), the crop growth and
+the deconvolved method (extraction), and the mask-fit cap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import scipy.signal
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autostructn2v_jax import autocorr as A
+from autostructn2v_jax import config as C
+from autostructn2v_jax import extraction as E
+from autostructn2v_jax import maskshape
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.7, 1.0, 2.0])
+def test_highpass_acf_is_symmetric_and_removes_constants(sigma):
+    hh = A.highpass_acf(sigma, 12)
+    assert hh.shape == (25, 25)
+    np.testing.assert_allclose(hh, hh[::-1, ::-1], atol=1e-12)
+    np.testing.assert_allclose(hh, hh.T, atol=1e-12)
+    if sigma == 0:
+        assert hh[12, 12] == 1 and np.abs(hh).sum() == 1
+    else:
+        assert abs(hh.sum()) < 1e-3 * hh[12, 12]  # the high-pass kills a constant
+
+
+@st.composite
+def small_kernels(draw):
+    h, w = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    k = np.array(draw(st.lists(st.floats(0.0, 1.0), min_size=h * w, max_size=h * w))).reshape(h, w)
+    k[0, 0] += 0.5  # never all zero
+    return k
+
+
+@settings(max_examples=25, deadline=None)
+@given(kernel=small_kernels(), sigma=st.sampled_from([0.7, 1.0, 1.5]))
+def test_deconvolve_recovers_exact_short_acf(kernel, sigma):
+    # Exact model: N = the kernel's autocorrelation (support < radius), acf = hh * N.
+    r = 6
+    n_true = scipy.signal.correlate2d(kernel, kernel, mode="full")
+    pad = np.zeros((2 * r + 1, 2 * r + 1))
+    cy, cx = n_true.shape[0] // 2, n_true.shape[1] // 2
+    pad[r - cy:r - cy + n_true.shape[0], r - cx:r - cx + n_true.shape[1]] = n_true
+    k = r + 8
+    acf = scipy.signal.convolve2d(pad, A.highpass_acf(sigma, k + r), mode="same")
+    acf = maskshape.crop_center(acf, 2 * k + 1)
+    got = A.deconvolve_highpass(acf, sigma, r)
+    np.testing.assert_allclose(got, pad / pad[r, r], atol=0.03)
+
+
+def test_deconvolve_checks_shape():
+    with pytest.raises(ValueError, match="odd square"):
+        A.deconvolve_highpass(np.zeros((8, 8)), 1.0, 2)
+    with pytest.raises(ValueError, match="radius 5"):
+        A.deconvolve_highpass(np.zeros((9, 9)), 1.0, 5)
+
+
+def test_flattest_tiles_keeps_lowest_variance_in_order():
+    rng = np.random.default_rng(0)
+    patches = rng.standard_normal((3, 64, 64)).astype(np.float32)
+    patches[1, :32, 32:] *= 0.01  # one flat tile: patch 1, tile (0, 1)
+    patches[2, 32:, :32] *= 0.1  # the next flattest: patch 2, tile (1, 0)
+    tiles = A.flattest_tiles(patches, 32, 2 / 12)
+    assert tiles.shape == (2, 32, 32)
+    np.testing.assert_array_equal(tiles[0], patches[1, :32, 32:])
+    np.testing.assert_array_equal(tiles[1], patches[2, 32:, :32])
+    assert A.flattest_tiles(patches, 32, 1e-6).shape == (1, 32, 32)  # at least one
+    with pytest.raises(ValueError, match="tile"):
+        A.flattest_tiles(patches, 65, 0.5)
+
+
+def _noise_patches(kernel: np.ndarray | None, rows: bool = False, n: int = 300, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 64, 64))
+    if rows:
+        x = 0.3 * x + rng.standard_normal((n, 64, 1))
+    elif kernel is not None:
+        x = ndi.convolve(x, kernel[None], mode="wrap") / np.sqrt((kernel**2).sum()) + 0.5 * x
+    return A.highpass(x, 1.0)
+
+
+def _gauss(s: float) -> np.ndarray:
+    yy, xx = np.mgrid[-6:7, -6:7]
+    return np.exp(-0.5 * (yy**2 + xx**2) / s**2)
+
+
+@pytest.mark.parametrize("s", [1.0, 1.5])
+def test_deconvolved_finds_whole_2d_correlation_that_significance_shrinks(s):
+    patches = _noise_patches(_gauss(s))
+    full = scipy.signal.correlate2d(_gauss(s), _gauss(s), mode="full")
+    c = full.shape[0] // 2
+    rho = 0.8 * full[c - 7:c + 8, c - 7:c + 8] / full[c, c]  # 0.8: the white part (0.5**2 / (1 + 0.5**2))
+    need = rho >= 0.15
+    dec, info = E.find_structural_mask(patches, {"method": "deconvolved"})
+    sig, _ = E.find_structural_mask(patches, {"method": "significance"})
+    big = maskshape.crop_center(dec.astype(float), 15) > 0.5
+    assert (big & need).sum() == need.sum(), dec.astype(int)  # every lag that counts
+    assert (big & (rho < 0.02)).sum() <= 2
+    assert sig.sum() < dec.sum()  # what the high-pass alone loses
+    assert info["detected_by"] in ("significance", "recovered") and info["noise_acf"].shape == dec.shape
+
+
+def test_deconvolved_white_noise_is_centre_alone():
+    mask, info = E.find_structural_mask(_noise_patches(None), {"method": "deconvolved"})
+    assert mask.sum() == 1 and mask.shape == (11, 11) and info["detected_by"] == "none"
+    assert not info["truncated"]
+
+
+def test_crop_grows_for_a_long_line_and_stripes_are_capped():
+    line = np.ones((1, 13))
+    mask, info = E.find_structural_mask(_noise_patches(line), {"method": "significance"})
+    c = mask.shape[0] // 2
+    assert mask.shape[0] > 11 and not info["truncated"]  # grew past the 11x11 default
+    assert mask[c].sum() == mask.sum() and mask[c, c - 10:c + 11].all()  # every lag with rho >= 0.15
+    mask, info = E.find_structural_mask(_noise_patches(None, rows=True), {"method": "significance",
+                                                                          "max_center_size": 21})
+    assert mask.shape == (21, 21) and info["truncated"] and "truncated" in info["summary"]
+    assert maskshape.touches_edge(mask) and mask[10].all()
+
+
+def test_fit_to_patch_caps_the_largest_crop():
+    ext = C.validate_extractor_config({})
+    assert E.fit_to_patch(ext, 96).max_center_size == 31
+    assert E.fit_to_patch(ext, 32).max_center_size == 15  # side <= 32 // 2 - 1, odd
+    assert E.fit_to_patch(ext, 16).max_center_size == 11  # never below center_size
+    assert ext.max_center_size == 31  # the input is not changed
+
+
+def test_touches_edge():
+    m = np.zeros((5, 5), bool)
+    m[2, 2] = True
+    assert not maskshape.touches_edge(m)
+    m[2, 4] = True
+    assert maskshape.touches_edge(m)
+    assert not maskshape.touches_edge(np.ones((1, 1), bool))
