@@ -153,12 +153,13 @@ def careamics_worker(workdir: str, steps: int) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     wd = pathlib.Path(workdir)
     noisy = np.load(wd / "noisy.npy")
-    per_epoch = min(50, steps)
+    # An epoch is one pass over the patches CAREamics cuts from the crops (a few batches), so the
+    # step count is set by Lightning's max_steps, with epochs to spare.
     cfg = create_advanced_n2v_config(
         experiment_name="peers", data_type="array", axes="SYX", patch_size=[PATCH, PATCH],
-        batch_size=BATCH, num_epochs=max(1, steps // per_epoch), num_steps=per_epoch,
+        batch_size=BATCH, num_epochs=steps,
         model_params={"depth": DEPTH, "num_channels_init": FEATURES}, num_workers=0, seed=1,
-        trainer_params={"enable_progress_bar": False},
+        trainer_params={"enable_progress_bar": False, "max_steps": steps},
     )
     cam = CAREamist(cfg, work_dir=str(wd / "careamics"))
     t0 = time.perf_counter()
@@ -171,7 +172,8 @@ def careamics_worker(workdir: str, steps: int) -> None:
     cam.predict(big, axes="YX", data_type="array", tile_size=(256, 256), tile_overlap=(48, 48))
     pred_s = time.perf_counter() - t0
     np.save(wd / "careamics_pred.npy", pred.astype(np.float32))
-    (wd / "careamics.json").write_text(json.dumps(dict(train_s=train_s, predict_s=pred_s, steps=steps,
+    (wd / "careamics.json").write_text(json.dumps(dict(train_s=train_s, predict_s=pred_s,
+                                                       steps=int(cam.trainer.global_step),
                                                        torch=torch.__version__)))
 
 
@@ -323,7 +325,7 @@ def main(argv=None) -> int:
             trace, variables = train_ours(noisy, clean, steps, args.eval_every, lr)
             reach = next(((s, t) for s, t, p in trace if p >= c_psnr), None)
             final = trace[-1]
-            print(f"  CAREamics: {c_psnr:.2f} dB after {args.careamics_steps} steps in {ct['train_s']:.0f} s")
+            print(f"  CAREamics: {c_psnr:.2f} dB after {ct['steps']} steps in {ct['train_s']:.0f} s")
             print(f"  ours:      {final[2]:.2f} dB after {final[0]} steps in {final[1]:.0f} s (lr {lr:g})")
             if reach:
                 print(f"  ours reach {c_psnr:.2f} dB after {reach[0]} steps, {reach[1]:.0f} s = "
