@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/autostructn2v
 export AUTOSTRUCTN2V_CACHE_DIR ?= $(CURDIR)/.jax_cache
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-peers clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: install
 bench: install
 	$(PY) benchmarks/speed.py
 	$(PY) benchmarks/quality.py
+
+# CAREamics / PyTorch side by side (builds benchmarks/.peers-venv on first use; see benchmarks/README.md).
+bench-peers: install
+	$(PY) benchmarks/peers.py $(PEERS_ARGS)
 
 clean:
 	rm -rf demo_data demo_run .pytest_cache .jax_cache

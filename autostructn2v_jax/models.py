@@ -12,9 +12,12 @@ Public API
   under ``jit``), so nothing besides the variables has to travel with a checkpoint.
   ``train=True`` -> ``(y, new_batch_stats)`` (batch statistics, updated running averages);
   ``train=False`` -> ``y`` (running averages).
-* ``make_apply_fn(features, num_layers) -> apply(variables, x, train)``: the same pure function with
-  the architecture fixed explicitly (cached: the same arguments give the same function object, so
-  ``jit`` caches keyed on it are shared).
+* ``make_apply_fn(features, num_layers, conv_impl="auto") -> apply(variables, x, train)``: the same
+  pure function with the architecture fixed explicitly (cached: the same arguments give the same
+  function object, so ``jit`` caches keyed on it are shared).
+* ``reflect_conv3x3(x, kernel, impl="auto")``: the network's 3x3 convolution (reflect padding 1,
+  no bias), ``impl`` one of :data:`CONV_IMPLS`; ``resolve_conv_impl(impl)`` says what ``"auto"``
+  means on the current backend.
 * ``architecture(variables) -> (features, num_layers)``.
 * ``receptive_field(num_layers) -> int``: exact receptive-field radius in input pixels.
 * ``count_params(variables) -> int``: number of trainable parameters.
@@ -32,6 +35,19 @@ same maps as a stride-2 2x2 transposed convolution and ``nn.max_pool(x, (2, 2), 
 (tests/test_models.py checks outputs and gradients) but their gradients are much cheaper than the
 stock ``nn.ConvTranspose`` / ``nn.max_pool`` ones. ``UNet(..., fast_ops=False)`` builds the network
 with the stock ops instead (for tests and benchmarks only; its parameter tree differs).
+
+The 3x3 convolution on the reflect-padded input has two implementations with the same parameters
+(``Conv_0/kernel``, HWIO, as ``nn.Conv`` declares it) and the same values up to float rounding:
+
+* ``"xla"``: ``lax.conv_general_dilated`` VALID on the reflect-padded input (what ``nn.Conv`` does).
+* ``"edges"``: a zero-padded SAME convolution of the unpadded input plus the reflect ring's
+  contribution, which only reaches the four border rows/columns of the output and is computed as
+  four thin 3-tap 1-D correlations added in place. XLA:CPU runs SAME convolutions (input and output
+  of the same size) and their gradients several times faster than VALID ones on a padded input.
+  A ``jax.custom_vjp`` keeps the backward pass in the same form (SAME convolution transposes plus
+  thin strips) instead of the full-size padded gradients that plain autodiff produces.
+
+``conv_impl="auto"`` picks ``"edges"`` on CPU and ``"xla"`` elsewhere (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -47,6 +63,10 @@ import numpy as np
 from .errors import ConfigError
 
 __all__ = [
+    "CONV_IMPLS",
+    "ReflectConv3x3",
+    "reflect_conv3x3",
+    "resolve_conv_impl",
     "UNet",
     "UpConv2x2",
     "max_pool_2x2",
@@ -111,15 +131,138 @@ def _reflect_pad1(x: jax.Array) -> jax.Array:
     return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
 
 
+CONV_IMPLS = ("auto", "xla", "edges")
+_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def resolve_conv_impl(impl: str = "auto") -> str:
+    """``"xla"`` or ``"edges"``: what ``impl`` means on the default backend (``"auto"``: edges on CPU)."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "edges" if jax.default_backend() == "cpu" else "xla"
+    return impl
+
+
+def _taps_1d(v: jax.Array, taps: jax.Array) -> jax.Array:
+    """``v (B, L + 2, C)``, ``taps (3, C, O)`` -> ``(B, L, O)``: 3-tap correlation along axis 1."""
+    n = v.shape[1] - 2
+    return sum(jnp.einsum("blc,co->blo", v[:, k:k + n], taps[k]) for k in range(3))
+
+
+def _conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DIMS)
+
+
+def _ring_sources(x: jax.Array) -> tuple:
+    """The input rows/columns that the reflect ring copies: rows 1, H-2 and columns 1, W-2."""
+    h, w = x.shape[1:3]
+    return x[:, 1], x[:, h - 2], x[:, :, 1], x[:, :, w - 2]
+
+
+def _ring_terms(sources: tuple, kernel: jax.Array) -> tuple:
+    """The reflect ring's contribution to output rows 0, H-1 (``(B, W, O)`` each) and columns
+    0, W-1 (``(B, H, O)`` each).
+
+    A 3x3 window sees the ring only there: the top ring row (input row 1 reflect-padded along W,
+    corners included) through kernel row 0, the bottom one (row H-2) through kernel row 2, and the
+    left/right ring columns (input columns 1, W-2; corners excluded, the rows count them) through
+    kernel columns 0 and 2.
+    """
+    row_1, row_h2, col_1, col_w2 = sources
+    w = row_1.shape[1]
+
+    def ring_row(row):
+        return jnp.concatenate([row[:, 1:2], row, row[:, w - 2:w - 1]], axis=1)
+
+    def ring_col(col):
+        return jnp.pad(col, ((0, 0), (1, 1), (0, 0)))
+
+    return (_taps_1d(ring_row(row_1), kernel[0]), _taps_1d(ring_row(row_h2), kernel[2]),
+            _taps_1d(ring_col(col_1), kernel[:, 0]), _taps_1d(ring_col(col_w2), kernel[:, 2]))
+
+
+def _add_strips(y: jax.Array, strips: tuple, rows: tuple, cols: tuple) -> jax.Array:
+    """``y`` with ``strips`` (two rows, two columns) added at ``rows`` / ``cols``, in place."""
+    for strip, r in zip(strips[:2], rows):
+        y = jax.lax.dynamic_update_slice_in_dim(y, y[:, r:r + 1] + strip[:, None], r, axis=1)
+    for strip, c in zip(strips[2:], cols):
+        y = jax.lax.dynamic_update_slice_in_dim(y, y[:, :, c:c + 1] + strip[:, :, None], c, axis=2)
+    return y
+
+
+@jax.custom_vjp
+def _conv3x3_edges(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Reflect-padded 3x3 convolution as a SAME (zero padding) one + the reflect ring's part.
+
+    The padded input is the zero-padded ``x`` plus a ring holding the reflected values, whose
+    contribution only reaches the border rows/columns (:func:`_ring_terms`). Forward and both
+    gradients are a full-size SAME convolution (and its transposes) plus thin strips added in place:
+    no padded copy of the input or of the gradient is ever made.
+    """
+    h, w = x.shape[1:3]
+    y = _conv_same(x, kernel)
+    return _add_strips(y, _ring_terms(_ring_sources(x), kernel), (0, h - 1), (0, w - 1))
+
+
+def _conv3x3_edges_fwd(x, kernel):
+    return _conv3x3_edges(x, kernel), (x, kernel)
+
+
+def _conv3x3_edges_bwd(res, g):
+    x, kernel = res
+    h, w = x.shape[1:3]
+    _, same_vjp = jax.vjp(_conv_same, x, kernel)
+    dx, dkernel = same_vjp(g)
+    g_border = (g[:, 0], g[:, h - 1], g[:, :, 0], g[:, :, w - 1])
+    _, ring_vjp = jax.vjp(_ring_terms, _ring_sources(x), kernel)
+    d_sources, d_ring_kernel = ring_vjp(g_border)
+    dx = _add_strips(dx, d_sources, (1, h - 2), (1, w - 2))
+    return dx, dkernel + d_ring_kernel
+
+
+_conv3x3_edges.defvjp(_conv3x3_edges_fwd, _conv3x3_edges_bwd)
+
+
+def reflect_conv3x3(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
+    """3x3 convolution of NHWC ``x`` (H, W >= 2) on its reflect-padded (1 px) input, HWIO ``kernel``.
+
+    Same map as ``lax.conv_general_dilated(reflect_pad(x), kernel, (1, 1), 'VALID')``;
+    ``impl``: see :data:`CONV_IMPLS` and the module docstring.
+    """
+    if resolve_conv_impl(impl) == "edges":
+        return _conv3x3_edges(x, kernel)
+    return jax.lax.conv_general_dilated(_reflect_pad1(x), kernel, (1, 1), "VALID",
+                                        dimension_numbers=_DIMS)
+
+
+class ReflectConv3x3(nn.Module):
+    """Bias-free 3x3 convolution with reflect padding 1.
+
+    Declares ``kernel`` exactly as ``nn.Conv(features, (3, 3), use_bias=False)`` does (same shape,
+    initializer and name), so parameter trees and checkpoints are those of the ``nn.Conv`` version.
+    """
+
+    features: int
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (3, 3, x.shape[-1], self.features), jnp.float32)
+        return reflect_conv3x3(x, kernel.astype(x.dtype), self.conv_impl)
+
+
 class ConvBlock(nn.Module):
     """(reflect-pad 1, conv3x3 VALID, BatchNorm, ReLU) x 2."""
 
     features: int
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        for _ in range(2):
-            x = nn.Conv(self.features, (3, 3), padding="VALID", use_bias=False)(_reflect_pad1(x))
+        for i in range(2):
+            x = ReflectConv3x3(self.features, self.conv_impl, name=f"Conv_{i}")(x)
             x = nn.BatchNorm(
                 use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON
             )(x)
@@ -133,19 +276,20 @@ class UNet(nn.Module):
     features: int = 32
     num_layers: int = 2
     fast_ops: bool = True  # False: stock nn.ConvTranspose / nn.max_pool (tests, benchmarks)
+    conv_impl: str = "auto"  # see CONV_IMPLS; "auto": per backend
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = x.astype(jnp.float32)
         skips = []
         for level in range(self.num_layers):
-            x = ConvBlock(self.features * 2**level, name=f"enc_{level}")(x, train)
+            x = ConvBlock(self.features * 2**level, self.conv_impl, name=f"enc_{level}")(x, train)
             skips.append(x)
             if self.fast_ops:
                 x = max_pool_2x2(x)
             else:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = ConvBlock(self.features * 2**self.num_layers, name="bottleneck")(x, train)
+        x = ConvBlock(self.features * 2**self.num_layers, self.conv_impl, name="bottleneck")(x, train)
         for level in reversed(range(self.num_layers)):
             feats = self.features * 2**level
             if self.fast_ops:
@@ -154,7 +298,7 @@ class UNet(nn.Module):
                 x = nn.ConvTranspose(feats, (2, 2), strides=(2, 2), padding="VALID",
                                      name=f"up_{level}")(x)
             x = jnp.concatenate([skips[level], x], axis=-1)
-            x = ConvBlock(feats, name=f"dec_{level}")(x, train)
+            x = ConvBlock(feats, self.conv_impl, name=f"dec_{level}")(x, train)
         return nn.Conv(1, (1, 1), name="out")(x)
 
 
@@ -221,13 +365,14 @@ def _plain(tree: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def make_apply_fn(features: int, num_layers: int) -> Callable:
-    """Pure ``apply(variables, x, train)`` for ``UNet(features, num_layers)``.
+def make_apply_fn(features: int, num_layers: int, conv_impl: str = "auto") -> Callable:
+    """Pure ``apply(variables, x, train)`` for ``UNet(features, num_layers, conv_impl=conv_impl)``.
 
     ``train=True`` returns ``(y, new_batch_stats)``; ``train=False`` returns ``y``. ``train`` must
-    be a Python bool (static). Cached per architecture.
+    be a Python bool (static). Cached per architecture and convolution implementation.
     """
-    model = UNet(features=int(features), num_layers=int(num_layers))
+    resolve_conv_impl(conv_impl)  # validate now, not at trace time
+    model = UNet(features=int(features), num_layers=int(num_layers), conv_impl=conv_impl)
 
     def apply(variables: dict, x: jax.Array, train: bool):
         v = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
@@ -236,7 +381,7 @@ def make_apply_fn(features: int, num_layers: int) -> Callable:
             return y, _plain(updates["batch_stats"])
         return model.apply(v, x, train=False)
 
-    apply.__name__ = f"unet_f{features}_l{num_layers}_apply"
+    apply.__name__ = f"unet_f{features}_l{num_layers}_{conv_impl}_apply"
     return apply
 
 

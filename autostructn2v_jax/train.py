@@ -119,8 +119,14 @@ def make_batch(key: jax.Array, bank: sampling.ImageBank, spec: StageSpec, *, aug
     return inputs, patches, pred_masks
 
 
-def make_train_fn(spec: StageSpec, apply_fn: Callable, sharding: NamedSharding | None = None) -> Callable:
-    """jit(state, bank, root_key) -> (state, losses[steps_per_dispatch])."""
+def make_train_fn(spec: StageSpec, apply_fn: Callable, sharding: NamedSharding | None = None,
+                  *, scan: bool | None = None) -> Callable:
+    """jit(state, bank, root_key) -> (state, losses[steps_per_dispatch]).
+
+    ``scan``: run the ``steps_per_dispatch`` steps inside one ``lax.scan`` (True) or as that many
+    dispatches of a one-step function (False); ``None`` asks :func:`use_scan` (per backend). Both
+    draw the same keys (``fold_in(root, step)``) and give the same losses.
+    """
     tx = _optimizer()
 
     def one_step(state: TrainState, bank: sampling.ImageBank, root: jax.Array):
@@ -142,11 +148,10 @@ def make_train_fn(spec: StageSpec, apply_fn: Callable, sharding: NamedSharding |
         return new_state, loss
 
     k = spec.steps_per_dispatch
-    if not use_scan():
-        # XLA:CPU runs convolutions inside a while loop (lax.scan) ~15x slower than in straight
-        # code (measured, features 16, patch 64, batch 16: 4.7 s vs 0.29 s per step), so on CPU
-        # each step is its own dispatch; dispatch is asynchronous, so there is still no host
-        # round trip per step.
+    if not (use_scan() if scan is None else scan):
+        # On CPU each step is its own dispatch: XLA:CPU runs a step inside a while loop
+        # (lax.scan) slower than in straight-line code (docs/benchmarks.md). Dispatch is
+        # asynchronous, so there is still no host round trip per step.
         step = jax.jit(one_step, donate_argnums=0)
 
         def run_steps(state, bank, root):

@@ -10,7 +10,9 @@ Measures, on whatever backend JAX picks (CPU here):
    backward, Adam) on an ``ImageBank`` held in device memory;
 2. the same network's pure forward + backward + Adam step on fixed, pre-made batches, timed in
    the same run, interleaved round by round with (1); the ratio (1)/(2) is the share of the step
-   time that is not lost to the data path (1.0 = free data path);
+   time that is not lost to the data path (1.0 = free data path); the same model-only step with
+   the stock XLA convolution (``conv_impl="xla"``) when ``auto`` picks another one, and with
+   ``--scan`` the other dispatch mode of ``make_train_fn`` (lax.scan vs one dispatch per step);
 3. achieved GFLOP/s of both steps (XLA cost analysis of the compiled step / step time) against
    the measured float32 matmul peak (a jitted 2048 x 2048 @ 2048 x 2048 matmul);
 4. tiled prediction throughput (megapixels/s) of ``predict.predict_image`` on a 2048 x 2048 image;
@@ -110,6 +112,7 @@ def machine_info() -> dict:
         optax=optax.__version__,
         numpy=np.__version__,
         use_scan=train.use_scan(),
+        conv_impl=models.resolve_conv_impl("auto"),
         loadavg_start=[round(v, 2) for v in os.getloadavg()],
     )
 
@@ -185,10 +188,12 @@ def make_model_only_step(apply_fn):
 
 def bench_stage(name: str, kernel: np.ndarray, patch: int, batch: int, pct: float, *,
                 features: int, depth: int, n_planes: int, steps: int, rounds: int, warmup: int,
-                peak: float, with_e2e_aot: bool) -> None:
+                peak: float, with_e2e_aot: bool, compare_conv: bool = True,
+                compare_scan: bool = False) -> None:
     print(f"\n[{name}] patch {patch}, batch {batch}, features {features}, depth {depth}, "
           f"kernel {kernel.shape} ({int(kernel.sum())} px) at {pct}%, local_mean, augmentation on; "
-          f"{rounds} interleaved rounds x {steps} steps", flush=True)
+          f"{rounds} interleaved rounds x {steps} steps; conv_impl auto = "
+          f"{models.resolve_conv_impl('auto')}", flush=True)
     spec = train.StageSpec(
         name=name, patch_size=patch, batch_size=batch, features=features, num_layers=depth,
         mask_percentage=pct, strategy="local_mean", use_augmentation=True,
@@ -202,87 +207,108 @@ def bench_stage(name: str, kernel: np.ndarray, patch: int, batch: int, pct: floa
     bank = jax.device_put(sampling.make_bank(planes, patch), replicated)
     root = jax.random.fold_in(jax.random.key(0), 7)
     apply_fn = models.make_apply_fn(features, depth)
-    train_fn = train.make_train_fn(spec, apply_fn, parallel.batch_sharding(mesh))
-    state_e2e = jax.device_put(train.init_state(spec, 0, 1e-4), replicated)
-    state_mo = jax.device_put(train.init_state(spec, 0, 1e-4), replicated)
+    fresh = lambda: jax.device_put(train.init_state(spec, 0, 1e-4), replicated)  # noqa: E731
 
-    # Fixed batches for the model-only step: drawn once by the same data path.
+    # Fixed batches for the model-only steps: drawn once by the same data path.
     fixed = jax.jit(lambda k: train.make_batch(k, bank, spec, augment=True))(jax.random.key(3))
     inputs, targets, masks = block(fixed)
 
-    # Model-only step: compiled ahead of time (gives its compile time and its cost analysis).
-    mo_jit = make_model_only_step(apply_fn)
-    t0 = time.perf_counter()
-    mo = mo_jit.lower(state_mo, inputs, targets, masks).compile()
-    mo_compile = time.perf_counter() - t0
-    mo_flops = flops_of(mo)
+    # Each runner does `steps` steps from its own state and blocks on the result.
+    runners, states, compile_s, flops = {}, {}, {}, {}
 
-    # First call of the real train function: compile + `steps` steps.
-    t0 = time.perf_counter()
-    state_e2e, losses = train_fn(state_e2e, bank, root)
-    block(losses)
-    e2e_first = time.perf_counter() - t0
+    def add_e2e(label, scan):
+        fn = train.make_train_fn(spec, apply_fn, parallel.batch_sharding(mesh), scan=scan)
+        states[label] = fresh()
+        t0 = time.perf_counter()
+        states[label], losses = fn(states[label], bank, root)  # first call: compile + steps
+        block(losses)
+        compile_s[label] = time.perf_counter() - t0
 
-    # The model-only step gets the same `steps` post-compile steps as that first call ...
-    for _ in range(steps):
-        state_mo, loss = mo(state_mo, inputs, targets, masks)
-    block((state_mo, loss))
-    # ... then both get `warmup` more chunks.
+        def run():
+            states[label], losses = fn(states[label], bank, root)
+            block((states[label], losses))
+            return losses
+        runners[label] = run
+
+    def add_model_only(label, impl):
+        jitted = make_model_only_step(models.make_apply_fn(features, depth, impl))
+        states[label] = fresh()
+        t0 = time.perf_counter()
+        compiled = jitted.lower(states[label], inputs, targets, masks).compile()
+        compile_s[label] = time.perf_counter() - t0
+        flops[label] = flops_of(compiled)
+
+        def run():
+            for _ in range(steps):
+                states[label], loss = compiled(states[label], inputs, targets, masks)
+            block((states[label], loss))
+            return loss
+        runners[label] = run
+
+    add_e2e("e2e", None)
+    add_model_only("model-only", "auto")
+    if compare_conv and models.resolve_conv_impl("auto") != "xla":
+        add_model_only("model-only stock conv", "xla")
+    if compare_scan:
+        add_e2e("e2e scan" if not train.use_scan() else "e2e per-step", not train.use_scan())
+    for run in runners.values():  # one untimed chunk each after compilation
+        run()
     for _ in range(warmup):
-        state_e2e, losses = train_fn(state_e2e, bank, root)
-        block((state_e2e, losses))
-        for _ in range(steps):
-            state_mo, loss = mo(state_mo, inputs, targets, masks)
-        block((state_mo, loss))
+        for run in runners.values():
+            run()
 
-    # Interleaved rounds, alternating which one goes first.
-    t_e2e, t_mo = [], []
+    # Interleaved rounds, rotating which one goes first.
+    times = {k: [] for k in runners}
+    labels = list(runners)
+    last = {}
     for r in range(rounds):
-        order = ("e2e", "mo") if r % 2 == 0 else ("mo", "e2e")
-        for which in order:
-            if which == "e2e":
-                t0 = time.perf_counter()
-                state_e2e, losses = train_fn(state_e2e, bank, root)
-                block((state_e2e, losses))
-                t_e2e.append((time.perf_counter() - t0) / steps)
-            else:
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    state_mo, loss = mo(state_mo, inputs, targets, masks)
-                block((state_mo, loss))
-                t_mo.append((time.perf_counter() - t0) / steps)
-    if not np.all(np.isfinite(np.asarray(losses))):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            t0 = time.perf_counter()
+            last[label] = runners[label]()
+            times[label].append((time.perf_counter() - t0) / steps)
+    if not np.all(np.isfinite(np.asarray(last["e2e"]))):
         print(f"  WARNING: non-finite training loss in {name}", flush=True)
 
-    se, sm = statistics.median(t_e2e), statistics.median(t_mo)
+    med = {k: statistics.median(v) for k, v in times.items()}
     spread = lambda ts: f"min {min(ts) * 1e3:.0f} / max {max(ts) * 1e3:.0f} ms per step"  # noqa: E731
-    record(f"{name}: train end-to-end (make_train_fn)", batch / se, "patches/s",
-           note=f"{se * 1e3:.1f} ms/step, {spread(t_e2e)}", stage=name)
-    record(f"{name}: train model-only (fixed batch)", batch / sm, "patches/s",
-           note=f"{sm * 1e3:.1f} ms/step, {spread(t_mo)}", stage=name)
-    ratios = [m / e for e, m in zip(t_e2e, t_mo)]
-    record(f"{name}: ratio end-to-end / model-only", sm / se, "x",
+    nice = {"e2e": "train end-to-end (make_train_fn)", "model-only": "train model-only (fixed batch)",
+            "model-only stock conv": "train model-only, stock XLA conv",
+            "e2e scan": "train end-to-end, lax.scan", "e2e per-step": "train end-to-end, per-step dispatch"}
+    for label in runners:
+        record(f"{name}: {nice[label]}", batch / med[label], "patches/s",
+               note=f"{med[label] * 1e3:.1f} ms/step, {spread(times[label])}", stage=name)
+    ratios = [m / e for e, m in zip(times["e2e"], times["model-only"])]
+    record(f"{name}: ratio end-to-end / model-only", med["model-only"] / med["e2e"], "x",
            note=f"per-round {min(ratios):.3f}..{max(ratios):.3f}; target >= 0.9", stage=name)
-    record(f"{name}: compile train step (first call - steady)", e2e_first - steps * se, "s",
-           note=f"first call of {steps} steps {e2e_first:.2f} s minus {steps} steady steps", stage=name)
-    record(f"{name}: compile model-only step (AOT)", mo_compile, "s", stage=name)
+    if "model-only stock conv" in med:
+        record(f"{name}: speed-up custom conv / stock conv", med["model-only stock conv"] / med["model-only"],
+               "x", note="model-only steps, interleaved", stage=name)
+    for label in ("e2e scan", "e2e per-step"):
+        if label in med:
+            record(f"{name}: ratio {label.split(' ', 1)[1]} / default dispatch", med["e2e"] / med[label], "x",
+                   note=f"default use_scan={train.use_scan()}", stage=name)
+    record(f"{name}: compile train step (first call - steady)", compile_s["e2e"] - steps * med["e2e"], "s",
+           note=f"first call of {steps} steps {compile_s['e2e']:.2f} s minus {steps} steady steps", stage=name)
+    record(f"{name}: compile model-only step (AOT)", compile_s["model-only"], "s", stage=name)
 
-    if mo_flops:
-        g = mo_flops / sm / 1e9
-        record(f"{name}: model-only GFLOP/s", g, "GFLOP/s",
-               note=f"{mo_flops / 1e9:.2f} GFLOP/step (XLA), {100 * g / peak:.1f}% of matmul peak", stage=name)
+    for label in ("model-only", "model-only stock conv"):
+        if flops.get(label):
+            g = flops[label] / med[label] / 1e9
+            record(f"{name}: {label} GFLOP/s", g, "GFLOP/s",
+                   note=f"{flops[label] / 1e9:.2f} GFLOP/step (XLA), {100 * g / peak:.1f}% of matmul peak",
+                   stage=name)
     if with_e2e_aot:
         # The real step function with one step per call (on CPU: exactly the jitted step that
         # make_train_fn dispatches), compiled ahead of time for its compile time and XLA cost.
         spec1 = dataclasses.replace(spec, steps_per_dispatch=1)
         fn1 = train.make_train_fn(spec1, apply_fn, parallel.batch_sharding(mesh))
         t0 = time.perf_counter()
-        compiled = jax.jit(fn1).lower(state_e2e, bank, root).compile()
+        compiled = jax.jit(fn1).lower(states["e2e"], bank, root).compile()
         record(f"{name}: compile train step (AOT, 1 step)", time.perf_counter() - t0, "s",
                note="jit(make_train_fn(steps_per_dispatch=1)).lower().compile()", stage=name)
         e2e_flops = flops_of(compiled)
         if e2e_flops:
-            g = e2e_flops / se / 1e9
+            g = e2e_flops / med["e2e"] / 1e9
             record(f"{name}: train end-to-end GFLOP/s", g, "GFLOP/s",
                    note=f"{e2e_flops / 1e9:.2f} GFLOP/step (XLA), {100 * g / peak:.1f}% of matmul peak", stage=name)
 
@@ -368,6 +394,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps/repeats: a smoke check (< 1 min)")
     ap.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    ap.add_argument("--scan", action="store_true",
+                    help="also time the other dispatch mode (lax.scan on CPU, per-step on accelerators)")
+    ap.add_argument("--no-stock-conv", action="store_true",
+                    help="skip the model-only step with the stock XLA convolution")
+    ap.add_argument("--train-only", action="store_true", help="training figures only (no predict/structure)")
     args = ap.parse_args(argv)
 
     q = args.quick
@@ -391,7 +422,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     info = machine_info()
     print(f"autostructn2v-jax speed benchmark ({'quick' if q else 'full'})")
-    for k in ("date", "backend", "cpu_model", "cpu_count", "jax", "jaxlib", "flax", "optax", "use_scan",
+    for k in ("date", "backend", "cpu_model", "cpu_count", "jax", "jaxlib", "flax", "optax", "use_scan", "conv_impl",
               "loadavg_start"):
         print(f"  {k}: {info[k]}")
     if info["loadavg_start"][0] > (os.cpu_count() or 1):
@@ -402,13 +433,15 @@ def main(argv=None) -> int:
     peak = bench_matmul_peak(cfg["matmul_n"], cfg["matmul_repeats"])
 
     common = dict(features=features, depth=depth, n_planes=cfg["n_planes"], steps=cfg["steps"],
-                  rounds=cfg["rounds"], warmup=cfg["warmup"], peak=peak, with_e2e_aot=cfg["e2e_aot"])
+                  rounds=cfg["rounds"], warmup=cfg["warmup"], peak=peak, with_e2e_aot=cfg["e2e_aot"],
+                  compare_conv=not args.no_stock_conv, compare_scan=args.scan)
     if "stage1" in cfg["stages"]:
         bench_stage("stage1", masking.stage1_kernel(1), 64, 16, 15.0, **common)
     if "stage2" in cfg["stages"]:
         bench_stage("stage2", np.ones((1, 5), bool), 96, 16, 10.0, **common)
-    bench_predict(features, depth, cfg["predict_size"], cfg["predict_repeats"])
-    bench_structure(1000, 64, cfg["structure_repeats"])
+    if not args.train_only:
+        bench_predict(features, depth, cfg["predict_size"], cfg["predict_repeats"])
+        bench_structure(1000, 64, cfg["structure_repeats"])
 
     total = time.perf_counter() - t_start
     info["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]

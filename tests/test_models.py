@@ -11,6 +11,8 @@ import pytest
 
 from autostructn2v_jax.errors import ConfigError
 from autostructn2v_jax.models import (
+    CONV_IMPLS,
+    ReflectConv3x3,
     UNet,
     UpConv2x2,
     apply_model,
@@ -21,6 +23,8 @@ from autostructn2v_jax.models import (
     make_apply_fn,
     max_pool_2x2,
     receptive_field,
+    reflect_conv3x3,
+    resolve_conv_impl,
 )
 
 F, L = 8, 2
@@ -254,3 +258,88 @@ def test_gradient_step_reduces_loss(variables):
         losses.append(float(loss))
     assert np.isfinite(losses).all()
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+# ------------------------------------------------------------------ 3x3 convolution implementations
+
+
+def _reflect_conv_reference(x, kernel):
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    return jax.lax.conv_general_dilated(xp, kernel, (1, 1), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("impl", ["xla", "edges"])
+@pytest.mark.parametrize("shape", [(1, 5, 7, 3, 4), (2, 2, 2, 1, 5), (3, 3, 6, 4, 2), (1, 9, 4, 16, 8)])
+def test_reflect_conv_equals_lax_conv_on_reflect_padded_input(impl, shape):
+    b, h, w, c, o = shape
+    x, kernel, g = _rand(30, (b, h, w, c)), _rand(31, (3, 3, c, o)), _rand(32, (b, h, w, o))
+
+    def fwd_and_grads(fn):
+        y, vjp = jax.vjp(fn, x, kernel)
+        return (y, *vjp(g))
+
+    got = jax.jit(lambda: fwd_and_grads(lambda x, k: reflect_conv3x3(x, k, impl)))()
+    ref = jax.jit(lambda: fwd_and_grads(_reflect_conv_reference))()
+    for name, a, r in zip(("output", "input gradient", "kernel gradient"), got, ref):
+        assert a.shape == r.shape, name
+        scale = float(jnp.max(jnp.abs(r)))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=0, atol=2e-6 * max(scale, 1.0),
+                                   err_msg=name)
+
+
+def test_reflect_conv_edges_sees_the_reflected_border():
+    # A pixel in row 1 is copied into the ring above row 0: moving it changes output row 0
+    # through the ring too (a zero-padded convolution would not see that copy).
+    x = jnp.zeros((1, 4, 4, 1)).at[0, 1, 2, 0].set(1.0)
+    kernel = jnp.zeros((3, 3, 1, 1)).at[0, 1, 0, 0].set(1.0)  # output(i, j) = padded(i - 1, j)
+    y = np.asarray(reflect_conv3x3(x, kernel, "edges"))[0, ..., 0]
+    assert y[0, 2] == 1.0 and y[2, 2] == 1.0 and y.sum() == 2.0
+
+
+def test_conv_impl_resolution_and_validation():
+    assert set(CONV_IMPLS) == {"auto", "xla", "edges"}
+    assert resolve_conv_impl("auto") == ("edges" if jax.default_backend() == "cpu" else "xla")
+    assert resolve_conv_impl("xla") == "xla"
+    with pytest.raises(ValueError, match="conv_impl"):
+        resolve_conv_impl("fast")
+    with pytest.raises(ValueError, match="conv_impl"):
+        make_apply_fn(F, L, "nope")
+
+
+def test_reflect_conv_module_declares_nn_conv_parameters():
+    x = _rand(33, (1, 6, 6, 3))
+    key = jax.random.key(4)
+    ours = ReflectConv3x3(5).init(key, x)
+    stock = nn.Conv(5, (3, 3), padding="VALID", use_bias=False).init(key, x)
+    assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(stock)
+    np.testing.assert_array_equal(np.asarray(ours["params"]["kernel"]),
+                                  np.asarray(stock["params"]["kernel"]))
+
+
+def test_unet_conv_impls_same_params_outputs_and_gradients():
+    feats, depth = 4, 2
+    x = _rand(34, (2, 16, 24, 1))
+    target = _rand(35, (2, 16, 24, 1))
+    models = {impl: UNet(feats, depth, conv_impl=impl) for impl in ("xla", "edges")}
+    init = {impl: jax.jit(lambda k, m=m: m.init(k, x, train=False))(jax.random.key(2, impl="rbg"))
+            for impl, m in models.items()}
+    assert jax.tree_util.tree_structure(init["xla"]) == jax.tree_util.tree_structure(init["edges"])
+    for a, b in zip(jax.tree_util.tree_leaves(init["xla"]), jax.tree_util.tree_leaves(init["edges"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    v = init["xla"]
+
+    def loss_and_grads(impl):
+        def loss(params, x):
+            y, _ = models[impl].apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                                      train=True, mutable=["batch_stats"])
+            return jnp.mean((y - target) ** 2), y
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(v["params"], x)
+
+    (la, ya), ga = loss_and_grads("xla")
+    (lb, yb), gb = loss_and_grads("edges")
+    np.testing.assert_allclose(np.asarray(ya), np.asarray(yb), atol=1e-5)
+    np.testing.assert_allclose(float(la), float(lb), rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+        scale = max(float(jnp.max(jnp.abs(a))), 1e-3)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4 * scale)
