@@ -232,11 +232,11 @@ def train_ours(noisy: np.ndarray, clean: np.ndarray, steps: int, eval_every: int
 
     import jax
 
-    from autostructn2v_jax import data, models, predict, train
+    from autostructn2v_jax import models, predict, preprocess, sampling, train
 
-    normed = [data.normalize(p) for p in noisy]
+    normed = [preprocess.normalize(p) for p in noisy]
     spec = dataclasses.replace(_spec(PATCH), steps_per_dispatch=eval_every)
-    bank = jax.device_put(data.make_bank([n for n, _ in normed], PATCH))
+    bank = jax.device_put(sampling.make_bank([n for n, _ in normed], PATCH))
     apply_fn = models.make_apply_fn(FEATURES, DEPTH)
     fn = train.make_train_fn(spec, apply_fn)
     state = train.init_state(spec, 0, lr)
@@ -251,7 +251,7 @@ def train_ours(noisy: np.ndarray, clean: np.ndarray, steps: int, eval_every: int
         jax.block_until_ready((state, losses))
         elapsed += time.perf_counter() - t0
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        pred = np.stack([data.denormalize(predict.predict_image(variables, n), st) for n, st in normed])
+        pred = np.stack([preprocess.denormalize(predict.predict_image(variables, n), st) for n, st in normed])
         trace.append((int(state.step), elapsed, psnr(pred, clean)))
     return trace, {"params": state.params, "batch_stats": state.batch_stats}
 

@@ -1,4 +1,4 @@
-"""Tests for autostructn2v_jax.data: TIFF IO, normalisation, splits, ROI, sampling, augmentation."""
+"""Tests for tiffio, preprocess and sampling: TIFF IO, normalisation, splits, ROI, sampling, augmentation."""
 
 from __future__ import annotations
 

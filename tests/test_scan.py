@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from autostructn2v_jax import data, masking, models, train
+from autostructn2v_jax import masking, models, preprocess, sampling, train
 
 
 def _spec(steps: int) -> train.StageSpec:
@@ -28,8 +28,8 @@ def _run(scan: bool, spec: train.StageSpec, bank, dispatches: int):
 
 def test_scan_branch_gives_the_per_step_losses():
     rng = np.random.default_rng(0)
-    planes = [data.normalize(rng.random((40, 40)).astype(np.float32))[0] for _ in range(2)]
-    bank = jax.device_put(data.make_bank(planes, 16))
+    planes = [preprocess.normalize(rng.random((40, 40)).astype(np.float32))[0] for _ in range(2)]
+    bank = jax.device_put(sampling.make_bank(planes, 16))
     spec = _spec(steps=3)
     scanned, loss_scan = _run(True, spec, bank, dispatches=2)
     stepped, loss_step = _run(False, spec, bank, dispatches=2)
