@@ -1,6 +1,7 @@
 """Quality benchmark on images with known ground truth.
 
     python benchmarks/quality.py [--epochs 8] [--out bench_quality]
+    python benchmarks/quality.py --config configs/default.py --budgets 5,15,30   # minutes per run
 
 Clean images: 128x128 crops ([0, 1]) of scikit-image's bundled camera, coins, moon and brick
 images (4 crops each). Two noise cases: `white` (Gaussian sigma 0.1) and `hcorr` (N(0,1) convolved
@@ -48,7 +49,8 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(structural_similarity(a, b, data_range=float(a.max() - a.min()) or 1.0))
 
 
-def run_case(case: str, out: pathlib.Path, epochs: int, seed: int = 0, **overrides) -> dict:
+def run_case(case: str, out: pathlib.Path, epochs: int, seed: int = 0, config: str = "configs/demo.py",
+             budget: float = 0.0, **overrides) -> dict:
     rng = np.random.default_rng(seed + (0 if case == "white" else 1))
     folder = out / case
     shutil.rmtree(folder, ignore_errors=True)
@@ -59,9 +61,12 @@ def run_case(case: str, out: pathlib.Path, epochs: int, seed: int = 0, **overrid
         tifffile.imwrite(folder / "clean" / f"{i:02d}.tif", img)
         tifffile.imwrite(folder / "noisy" / f"{i:02d}.tif", synth.add_noise(rng, img, case))
     # configs/demo.py with the same patches per epoch as the demo (4 images x 200): 16 crops x 50
-    cfg = api.load_config("configs/demo.py", input_dir=str(folder / "noisy"), output_dir=str(folder / "run"),
+    # With a time budget (minutes, whole run) the epochs are only a ceiling: the budget stops training.
+    budget_keys = {"time_budget_minutes": budget, "num_epochs": 100000, "early_stopping": False} if budget else {}
+    cfg = api.load_config(config, input_dir=str(folder / "noisy"), output_dir=str(folder / "run"),
                           clean_dir=str(folder / "clean"), num_epochs=epochs,
-                          **{"stage1.patches_per_image": 50, "stage2.patches_per_image": 50, **overrides})
+                          **{"stage1.patches_per_image": 50, "stage2.patches_per_image": 50, **budget_keys,
+                             **overrides})
     t0 = time.perf_counter()
     summary = api.run(cfg)
     seconds = time.perf_counter() - t0
@@ -72,7 +77,7 @@ def run_case(case: str, out: pathlib.Path, epochs: int, seed: int = 0, **overrid
         metrics[label] = dict(psnr=float(np.mean([synth.psnr(c, x) for c, x in zip(clean, imgs)])),
                               ssim=float(np.mean([ssim(c, x) for c, x in zip(clean, imgs)])))
     mask = np.load(folder / "run/mask/structural_mask.npy")
-    return dict(case=case, seconds=seconds, mask=summary["stages"]["stage2"]["mask"],
+    return dict(case=case, seconds=seconds, budget=budget, config=config, mask=summary["stages"]["stage2"]["mask"],
                 mask_array=mask.astype(int).tolist(), **metrics)
 
 
@@ -81,18 +86,24 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--out", default="bench_quality")
     parser.add_argument("--cases", default="white,hcorr")
+    parser.add_argument("--config", default="configs/demo.py")
+    parser.add_argument("--budgets", default="", help="comma-separated training budgets in minutes (whole run)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override, e.g. --set stage2.extractor.method=significance")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     overrides = dict(item.split("=", 1) for item in args.set)
-    rows = [run_case(case, out, args.epochs, **overrides) for case in args.cases.split(",")]
+    budgets = [float(b) for b in args.budgets.split(",") if b] or [0.0]
+    rows = [run_case(case, out, args.epochs, config=args.config, budget=b, **overrides)
+            for b in budgets for case in args.cases.split(",")]
     (out / "results.json").write_text(json.dumps(rows, indent=2))
-    print("| case | noisy PSNR / SSIM | stage 1 | final | mask | time |")
-    print("|---|---|---|---|---|---|")
+    print(f"config {args.config}, overrides {overrides or '-'}")
+    print("| case | budget | noisy PSNR / SSIM | stage 1 | final | mask | time |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         cells = [f"{r[k]['psnr']:.2f} dB / {r[k]['ssim']:.3f}" for k in ("noisy", "stage1", "final")]
-        print(f"| {r['case']} | " + " | ".join(cells) + f" | {r['mask']} | {r['seconds']:.0f} s |")
+        budget = f"{r['budget']:g} min" if r["budget"] else "epochs"
+        print(f"| {r['case']} | {budget} | " + " | ".join(cells) + f" | {r['mask']} | {r['seconds']:.0f} s |")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def test_budget_keys_validated(key, value):
 def _cfg(**top):
     cfg = config_lib.base_config()
     s = cfg.stage1
-    s.patch_size, s.batch_size, s.features, s.patches_per_image = 32, 4, 8, 64
+    s.patch_size, s.batch_size, s.features, s.patches_per_image = 32, 4, 8, 8  # 4 steps per epoch
     s.num_val_patches, s.steps_per_dispatch, s.learning_rate = 8, 1, 1e-3
     cfg.update(top)
     return cfg
@@ -67,11 +67,11 @@ def test_budget_cuts_training_and_keeps_best(tmp_path):
     # warm the compile cache so the budget measures steps, not compilation
     train.train_stage(_planes(0, 2), _planes(1, 1), cfg.stage1, _cfg(num_epochs=1), masking.stage1_kernel(1),
                       tmp_path / "warm", name="stage1")
-    budget = 3.0
+    budget = 4.0
     result = train.train_stage(_planes(0, 2), _planes(1, 1), cfg.stage1, cfg, masking.stage1_kernel(1),
                                tmp_path / "run", name="stage1", budget_seconds=budget)
     assert result.out_of_time and not result.stopped_early
-    assert 1 <= result.epochs_run < 1000
+    assert 2 <= result.epochs_run < 1000  # short epochs: several fit even on a loaded machine
     assert budget <= result.seconds < budget + 10.0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == result.epochs_run
