@@ -21,7 +21,7 @@ demo: install
 		--config.output_dir=demo_run --config.clean_dir=demo_data/clean --config.overwrite=true
 
 test: install
-	$(PY) -m pytest -q -n auto
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 bench: install
 	$(PY) benchmarks/speed.py

@@ -16,3 +16,9 @@ os.environ.setdefault("AUTOSTRUCTN2V_CACHE_DIR", str(_CACHE))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the tests that train first: with several xdist workers the long ones then overlap and
+    the short ones fill the gaps at the end, instead of two long tests finishing last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: order kept within
