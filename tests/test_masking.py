@@ -249,7 +249,8 @@ def _example(seed=0, shape=(12, 12), kernel=PIXEL, pct=15.0):
     return patch, im[0], pm[0]
 
 
-def local_mean_reference(patch, mask):
+def neighbour_reference(patch, mask, reduce):
+    """Each masked pixel -> `reduce` of its unmasked 3x3 neighbours inside the patch (NaN if none)."""
     patch, mask = np.asarray(patch, np.float64), np.asarray(mask)
     h, w = patch.shape
     out = patch.copy()
@@ -260,8 +261,12 @@ def local_mean_reference(patch, mask):
             for i in range(max(0, x - 1), min(w, x + 2))
             if not mask[j, i]
         ]
-        out[y, x] = np.mean(vals) if vals else np.nan
+        out[y, x] = reduce(vals) if vals else np.nan
     return out
+
+
+def local_mean_reference(patch, mask):
+    return neighbour_reference(patch, mask, np.mean)
 
 
 @pytest.mark.parametrize("strategy", [0, "local_mean", 1, "zero", 2, "random", 3, "median"])
@@ -301,18 +306,7 @@ def test_local_mean_fallback_for_interior_pixels():
 
 
 def median_reference(patch, mask):
-    patch, mask = np.asarray(patch, np.float64), np.asarray(mask)
-    h, w = patch.shape
-    out = patch.copy()
-    for y, x in zip(*np.nonzero(mask)):
-        vals = [
-            patch[j, i]
-            for j in range(max(0, y - 1), min(h, y + 2))
-            for i in range(max(0, x - 1), min(w, x + 2))
-            if not mask[j, i]
-        ]
-        out[y, x] = np.median(vals) if vals else np.nan
-    return out
+    return neighbour_reference(patch, mask, np.median)
 
 
 @pytest.mark.parametrize("kernel", [PIXEL, LINE5], ids=["pixel", "line5"])
