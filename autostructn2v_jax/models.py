@@ -16,8 +16,8 @@ Public API
   pure function with the architecture fixed explicitly (cached: the same arguments give the same
   function object, so ``jit`` caches keyed on it are shared).
 * ``reflect_conv3x3(x, kernel, impl="auto")``: the network's 3x3 convolution (reflect padding 1,
-  no bias), ``impl`` one of :data:`CONV_IMPLS`; ``resolve_conv_impl(impl)`` says what ``"auto"``
-  means on the current backend.
+  no bias), ``impl`` one of :data:`CONV_IMPLS`; ``resolve_conv_impl(impl, flops)`` says what
+  ``"auto"`` means on the current backend for a layer of that size.
 * ``architecture(variables) -> (features, num_layers)``.
 * ``receptive_field(num_layers) -> int``: exact receptive-field radius in input pixels.
 * ``count_params(variables) -> int``: number of trainable parameters.
@@ -47,7 +47,9 @@ The 3x3 convolution on the reflect-padded input has two implementations with the
   A ``jax.custom_vjp`` keeps the backward pass in the same form (SAME convolution transposes plus
   thin strips) instead of the full-size padded gradients that plain autodiff produces.
 
-``conv_impl="auto"`` picks ``"edges"`` on CPU and ``"xla"`` elsewhere (see docs/benchmarks.md).
+``conv_impl="auto"`` picks, per layer and at trace time (shapes are static), ``"edges"`` on CPU
+for layers of at least :data:`EDGES_MIN_FLOPS` forward FLOPs and ``"xla"`` for smaller ones and on
+every other backend (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ __all__ = [
     "ReflectConv3x3",
     "reflect_conv3x3",
     "resolve_conv_impl",
+    "conv3x3_flops",
+    "EDGES_MIN_FLOPS",
     "UNet",
     "UpConv2x2",
     "max_pool_2x2",
@@ -135,12 +139,30 @@ CONV_IMPLS = ("auto", "xla", "edges")
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
-def resolve_conv_impl(impl: str = "auto") -> str:
-    """``"xla"`` or ``"edges"``: what ``impl`` means on the default backend (``"auto"``: edges on CPU)."""
+# ``"auto"`` on CPU uses ``"edges"`` for a layer only from this much forward work (FLOPs): below it
+# XLA's own convolution runs as fast (measured: a features-8/16 network on 32-pixel patches) and
+# compiles 2-3x faster (about 5 s against 13 s for a whole train step), so small networks, short
+# runs and the test suite do not pay the custom convolution's compile time for nothing
+# (docs/benchmarks.md, "Which convolution per layer").
+EDGES_MIN_FLOPS = 1e8
+
+
+def conv3x3_flops(x_shape: tuple, features: int) -> float:
+    """Forward FLOPs of one 3x3 convolution of an NHWC input of ``x_shape`` to ``features``."""
+    b, h, w, c = (int(v) for v in x_shape)
+    return 2.0 * 9 * b * h * w * c * int(features)
+
+
+def resolve_conv_impl(impl: str = "auto", flops: float | None = None) -> str:
+    """``"xla"`` or ``"edges"``: what ``impl`` means on the default backend for a layer of
+    ``flops`` forward work (``"auto"``: edges on CPU when ``flops`` is unknown or at least
+    :data:`EDGES_MIN_FLOPS`, xla otherwise and on every other backend)."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "edges" if jax.default_backend() == "cpu" else "xla"
+        if jax.default_backend() != "cpu":
+            return "xla"
+        return "edges" if flops is None or flops >= EDGES_MIN_FLOPS else "xla"
     return impl
 
 
@@ -230,7 +252,7 @@ def reflect_conv3x3(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.
     Same map as ``lax.conv_general_dilated(reflect_pad(x), kernel, (1, 1), 'VALID')``;
     ``impl``: see :data:`CONV_IMPLS` and the module docstring.
     """
-    if resolve_conv_impl(impl) == "edges":
+    if resolve_conv_impl(impl, conv3x3_flops(x.shape, kernel.shape[-1])) == "edges":
         return _conv3x3_edges(x, kernel)
     return jax.lax.conv_general_dilated(_reflect_pad1(x), kernel, (1, 1), "VALID",
                                         dimension_numbers=_DIMS)
@@ -325,37 +347,67 @@ def check_patch_size(patch_size: Any, num_layers: int, key: str = "stage1.patch_
         )
 
 
-def _to_key(seed_or_key: Any) -> jax.Array:
+def _numpy_seed(seed_or_key: Any) -> Any:
+    """An int seed as is; a jax PRNG key as its raw key data (both seed a numpy Generator)."""
     if isinstance(seed_or_key, (int, np.integer)) and not isinstance(seed_or_key, bool):
-        # rbg keys: Flax init compiles several times faster than with threefry keys on CPU.
-        return jax.random.key(int(seed_or_key), impl="rbg")
-    return seed_or_key
+        return int(seed_or_key)
+    return [int(v) for v in np.asarray(jax.random.key_data(seed_or_key)).ravel()]
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_init(features: int, num_layers: int, size: int) -> Callable:
+def _variable_shapes(features: int, num_layers: int) -> dict:
+    """Shapes of ``UNet(features, num_layers)``'s variables, from ``jax.eval_shape`` (traced, never
+    compiled: compiling Flax's init costs seconds per architecture on CPU)."""
     model = UNet(features=features, num_layers=num_layers)
+    size = 2 * 2**num_layers  # the smallest valid input: parameter shapes do not depend on it
+    x = jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32)
+    return jax.eval_shape(lambda x: model.init({"params": jax.random.key(0, impl="rbg")}, x,
+                                               train=False), x)
 
-    def init(key):
-        x = jnp.zeros((1, size, size, 1), jnp.float32)
-        return model.init({"params": key}, x, train=False)
 
-    return jax.jit(init)
+def _lecun_normal(rng: np.random.Generator, shape: tuple) -> np.ndarray:
+    """Flax's ``lecun_normal``: a normal truncated at +-2 std, std ``sqrt(1 / fan_in)`` after the
+    truncation (``fan_in`` = product of all axes but the last)."""
+    z = rng.standard_normal(shape)
+    bad = np.abs(z) > 2.0
+    while bad.any():
+        z[bad] = rng.standard_normal(int(bad.sum()))
+        bad = np.abs(z) > 2.0
+    fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    return (z * np.sqrt(1.0 / fan_in) / 0.87962566103423978).astype(np.float32)
+
+
+def _init_leaf(rng: np.random.Generator, name: str, shape: tuple) -> np.ndarray:
+    if name == "kernel":
+        return _lecun_normal(rng, shape)
+    if name in ("scale", "var"):  # BatchNorm scale and running variance
+        return np.ones(shape, np.float32)
+    return np.zeros(shape, np.float32)  # biases, running means
+
+
+def _init_tree(rng: np.random.Generator, tree: Any) -> Any:
+    return {k: (_init_tree(rng, v) if hasattr(v, "items") else _init_leaf(rng, str(k), tuple(v.shape)))
+            for k, v in sorted(tree.items())}
 
 
 def init_variables(features: int, num_layers: int, patch_size: int, seed_or_key: Any) -> dict:
     """Fresh ``{'params': ..., 'batch_stats': ...}`` (plain nested dicts of float32 arrays).
 
-    ``seed_or_key``: an int seed (turned into an ``rbg`` key: deterministic for a given seed on a
-    given backend) or a jax PRNG key. ``patch_size`` is only validated (parameter shapes do not
-    depend on it): initialisation runs on the smallest valid input, under ``jit``.
+    ``seed_or_key``: an int seed or a jax PRNG key (its key data seeds the draw). The values are
+    what ``UNet.init`` gives (``lecun_normal`` kernels, zero biases, BatchNorm scale 1 and running
+    statistics 0 / 1), drawn on the host with a numpy Generator: deterministic for a given seed
+    on every backend, and nothing is compiled. ``patch_size`` is only validated (parameter shapes
+    do not depend on it).
     """
     check_patch_size(patch_size, num_layers)
     features, num_layers = int(features), int(num_layers)
     if features < 1:
         raise ConfigError("model.features", f"must be >= 1, got {features}")
-    variables = _jitted_init(features, num_layers, 2 * 2**num_layers)(_to_key(seed_or_key))
-    return {"params": _plain(variables["params"]), "batch_stats": _plain(variables["batch_stats"])}
+    shapes = _variable_shapes(features, num_layers)
+    rng = np.random.default_rng(_numpy_seed(seed_or_key))
+    params = _init_tree(rng, shapes["params"])
+    stats = _init_tree(rng, shapes["batch_stats"])
+    return {"params": jax.tree.map(jnp.asarray, params), "batch_stats": jax.tree.map(jnp.asarray, stats)}
 
 
 def _plain(tree: Any) -> Any:

@@ -25,6 +25,8 @@ from autostructn2v_jax.models import (
     receptive_field,
     reflect_conv3x3,
     resolve_conv_impl,
+    conv3x3_flops,
+    EDGES_MIN_FLOPS,
 )
 
 F, L = 8, 2
@@ -301,6 +303,14 @@ def test_conv_impl_resolution_and_validation():
     assert set(CONV_IMPLS) == {"auto", "xla", "edges"}
     assert resolve_conv_impl("auto") == ("edges" if jax.default_backend() == "cpu" else "xla")
     assert resolve_conv_impl("xla") == "xla"
+    # per layer on CPU: the custom convolution only where the work pays for its compile time
+    cpu = jax.default_backend() == "cpu"
+    big = conv3x3_flops((16, 64, 64, 16), 16)  # a features-16 level-0 layer, batch 16, patch 64
+    small = conv3x3_flops((8, 32, 32, 8), 8)  # the test suite's features-8 networks
+    assert small < EDGES_MIN_FLOPS <= big
+    assert resolve_conv_impl("auto", big) == ("edges" if cpu else "xla")
+    assert resolve_conv_impl("auto", small) == "xla"
+    assert resolve_conv_impl("edges", small) == "edges" and resolve_conv_impl("xla", big) == "xla"
     with pytest.raises(ValueError, match="conv_impl"):
         resolve_conv_impl("fast")
     with pytest.raises(ValueError, match="conv_impl"):
