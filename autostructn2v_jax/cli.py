@@ -138,6 +138,19 @@ def _load_config(spec: str | None):
     return config_lib.load_config(spec) if spec else config_lib.base_config()
 
 
+def _split_cpu(cfg) -> None:
+    """One JAX device per core for large CPU runs (config ``cpu_devices``), before JAX starts."""
+    from autostructn2v_jax import parallel
+
+    try:
+        stages = [(int(st.batch_size), int(st.patch_size), int(st.features))
+                  for run, st in ((cfg.run_stage1, cfg.stage1), (cfg.run_stage2, cfg.stage2)) if run]
+        requested = max(int(cfg.cpu_devices), 0)
+    except (TypeError, ValueError):
+        return  # a bad value: the config check that follows names the key
+    parallel.split_cpu(parallel.cpu_device_count(requested, stages, parallel.available_cores()))
+
+
 def _cmd_train(args, overrides) -> int:
     from autostructn2v_jax import config as config_lib
     from autostructn2v_jax import pipeline
@@ -147,6 +160,7 @@ def _cmd_train(args, overrides) -> int:
     if args.print_config:
         print(config_lib.to_json(cfg))
         return 0
+    _split_cpu(cfg)
     progress = _Progress(int(cfg.num_epochs), enabled=not args.quiet and sys.stderr.isatty())
     t0 = time.perf_counter()
     try:

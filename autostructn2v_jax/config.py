@@ -64,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.output_dtype = "input"  # "input" keeps the input dtype; "float32" on request
     cfg.overwrite = False
     cfg.random_seed = 42
+    cfg.cpu_devices = 0  # 0: auto (parallel.cpu_device_count); N: split the CPU into N devices
     cfg.split_ratio = (0.7, 0.15, 0.15)
     cfg.num_epochs = 100
     cfg.early_stopping = True
@@ -225,6 +226,8 @@ def validate_config(cfg: ml_collections.ConfigDict, *, need_io: bool = True) -> 
     _check(cfg.run_stage1 or cfg.run_stage2, "run_stage1", "at least one of run_stage1/run_stage2 must be true")
     _check(_is_int(cfg.random_seed) and cfg.random_seed >= 0, "random_seed",
            f"must be an integer >= 0, got {cfg.random_seed!r}")
+    _check(_is_int(cfg.cpu_devices) and cfg.cpu_devices >= 0, "cpu_devices",
+           f"must be an integer >= 0 (0 = auto), got {cfg.cpu_devices!r}")
     preprocess.check_split_ratio(cfg.split_ratio)
     for key in ("num_epochs", "early_stopping_patience", "lr_plateau_patience"):
         _positive_int(cfg, key, "")
@@ -294,6 +297,7 @@ DESCRIPTIONS = {
     "output_dtype": "'input' writes the input's dtype, 'float32' writes float32",
     "overwrite": "allow replacing a run folder that holds a run with a different config",
     "random_seed": "root of every random key (splits, patches, masks, initialisation)",
+    "cpu_devices": "CPU only: split the processor into this many JAX devices for data-parallel training (0 = auto: one per core when a stage's layers are big enough to gain, see docs/benchmarks.md; 1 = off). Set before JAX starts: the command line applies it, a Python session that already ran JAX keeps its devices",
     "split_ratio": "train/val/test fractions of the image planes; too few planes: a held-out region",
     "num_epochs": "maximum epochs per stage",
     "early_stopping": "stop when the masked validation loss stops improving",

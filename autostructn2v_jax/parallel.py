@@ -33,6 +33,65 @@ def initialize_distributed() -> None:
                  jax.device_count())
 
 
+# A CPU split into one JAX device per core trains larger layers faster: XLA:CPU keeps the cores
+# busier with one program per core than with one program threaded over all of them (2 cores,
+# benchmarks/cpu_devices.py: 1.39x per step at features 16 / patch 64 / batch 16, 1.48x at
+# 32 / 64 / 16, 1.05x at 64 / 32 / 4), while a tiny network loses a little to the cross-device
+# reduction (0.94x at 8 / 32 / 8). The rule is per first-level layer, 2 * 9 * batch * patch^2 *
+# features^2 FLOPs, with the threshold between the measured points (docs/benchmarks.md).
+CPU_SPLIT_MIN_FLOPS = 2e8
+
+
+def stage_layer_flops(batch_size: int, patch_size: int, features: int) -> float:
+    """Forward FLOPs of one first-level 3x3 convolution of a training step (the U-Net's levels
+    all do about this much work: maps halve while channels double)."""
+    return 2.0 * 9 * int(batch_size) * int(patch_size) ** 2 * int(features) ** 2
+
+
+def cpu_device_count(requested: int, stages: list[tuple[int, int, int]], cores: int) -> int:
+    """How many CPU devices to train on: ``requested`` when > 0; else (auto) ``cores`` when a
+    stage ``(batch_size, patch_size, features)`` reaches :data:`CPU_SPLIT_MIN_FLOPS` per layer and
+    every stage's batch splits evenly over the cores, otherwise 1."""
+    if requested > 0:
+        return int(requested)
+    if cores < 2 or not stages:
+        return 1
+    big = any(stage_layer_flops(*s) >= CPU_SPLIT_MIN_FLOPS for s in stages)
+    even = all(s[0] % cores == 0 for s in stages)
+    return cores if big and even else 1
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def split_cpu(count: int) -> bool:
+    """Make the CPU backend ``count`` devices (``jax_num_cpu_devices``); True if it was applied.
+
+    Only possible before JAX's backends start, and left alone when ``XLA_FLAGS`` already sets a
+    host device count or the run is multi-host; otherwise a no-op that says why (debug log).
+    """
+    from jax._src import xla_bridge  # backends_are_initialized: no public equivalent
+
+    if count <= 1:
+        return False
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        log.debug("cpu_devices: XLA_FLAGS sets the host device count; keeping it")
+        return False
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("AUTOSTRUCTN2V_DISTRIBUTED"):
+        log.debug("cpu_devices: multi-host run; not splitting the CPU")
+        return False
+    if xla_bridge.backends_are_initialized():
+        log.debug("cpu_devices: JAX has started; keeping its %d device(s)", jax.device_count())
+        return False
+    jax.config.update("jax_num_cpu_devices", int(count))  # the CPU backend only
+    log.debug("cpu_devices: the CPU backend gets %d devices", count)
+    return True
+
+
 def is_main_process() -> bool:
     """True in the process that writes host-side files (metrics, TIFFs, JSON, report, masks).
 
@@ -49,6 +108,8 @@ def data_mesh(batch_size: int) -> Mesh:
     if count < len(devices):
         log.warning("batch_size %d is not divisible by the %d devices: using %d of them",
                     batch_size, len(devices), count)
+    elif count > 1:
+        log.info("data parallel over %d %s devices", count, devices[0].platform)
     return jax.make_mesh((count,), ("data",), axis_types=(AxisType.Auto,), devices=devices[:count])
 
 

@@ -87,16 +87,24 @@ def test_sharded_training_through_cli(tmp_path):
     synth.write_demo_data(tmp_path / "data", count=2, size=64, case="white", seed=1)
     records = {}
     for name, devices in (("sharded", 4), ("single", 1)):
+        # sharded: the CPU split by the config key (the command line applies it before JAX
+        # starts); single: XLA_FLAGS fixes one device, which the split leaves alone
         run = tmp_path / name
         cmd = [sys.executable, "-m", "autostructn2v_jax.cli", "train", "--config", str(ROOT / "configs/stage1_only.py"),
                f"--config.input_dir={tmp_path / 'data' / 'noisy'}", f"--config.output_dir={run}",
                "--config.num_epochs=1", "--config.stage1.features=8", "--config.stage1.batch_size=8",
                "--config.stage1.patches_per_image=16", "--config.stage1.num_val_patches=8",
-               "--config.stage1.predict_tile_size=64"]
+               "--config.stage1.predict_tile_size=64", f"--config.cpu_devices={devices}"]
         env = _env()
-        env["XLA_FLAGS"] = env["XLA_FLAGS"].replace("device_count=4", f"device_count={devices}")
+        if name == "sharded":
+            env["XLA_FLAGS"] = env["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=4", "").strip()
+            if not env["XLA_FLAGS"]:
+                del env["XLA_FLAGS"]
+        else:
+            env["XLA_FLAGS"] = env["XLA_FLAGS"].replace("device_count=4", "device_count=1")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("data parallel over 4 cpu devices" in proc.stderr) == (name == "sharded"), proc.stderr[-3000:]
         assert sorted(p.name for p in (run / "stage1" / "denoised").iterdir()) == ["image_00.tif", "image_01.tif"]
         lines = (run / "stage1" / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 1  # one line per epoch, whatever the device count
@@ -106,3 +114,26 @@ def test_sharded_training_through_cli(tmp_path):
     assert sharded["step"] == single["step"] == 10
     for key in ("train_loss", "val_loss"):
         assert abs(sharded[key] - single[key]) <= 1e-3 * abs(single[key]), (key, sharded, single)
+
+
+def test_cpu_device_count_rule():
+    from autostructn2v_jax import parallel
+
+    big, small = (16, 64, 32), (4, 32, 8)  # measured 1.5x faster split / a little slower split
+    assert parallel.stage_layer_flops(*big) >= parallel.CPU_SPLIT_MIN_FLOPS > parallel.stage_layer_flops(*small)
+    assert parallel.cpu_device_count(0, [big], 2) == 2
+    assert parallel.cpu_device_count(0, [small, big], 2) == 2  # the big stage dominates the run
+    assert parallel.cpu_device_count(0, [small], 2) == 1
+    assert parallel.cpu_device_count(0, [(15, 64, 32)], 2) == 1  # the batch would not split evenly
+    assert parallel.cpu_device_count(0, [big], 1) == 1
+    assert parallel.cpu_device_count(3, [small], 2) == 3  # an explicit count is kept
+
+
+def test_split_cpu_leaves_a_started_jax_alone():
+    import jax
+
+    from autostructn2v_jax import parallel
+
+    before = jax.device_count()  # starts the backends
+    assert parallel.split_cpu(2) is False and parallel.split_cpu(1) is False
+    assert jax.device_count() == before
