@@ -74,8 +74,6 @@ def split_cpu(count: int) -> bool:
     Only possible before JAX's backends start, and left alone when ``XLA_FLAGS`` already sets a
     host device count or the run is multi-host; otherwise a no-op that says why (debug log).
     """
-    from jax._src import xla_bridge  # backends_are_initialized: no public equivalent
-
     if count <= 1:
         return False
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
@@ -84,10 +82,11 @@ def split_cpu(count: int) -> bool:
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("AUTOSTRUCTN2V_DISTRIBUTED"):
         log.debug("cpu_devices: multi-host run; not splitting the CPU")
         return False
-    if xla_bridge.backends_are_initialized():
+    try:
+        jax.config.update("jax_num_cpu_devices", int(count))  # the CPU backend only
+    except RuntimeError:  # JAX refuses once its backends have started
         log.debug("cpu_devices: JAX has started; keeping its %d device(s)", jax.device_count())
         return False
-    jax.config.update("jax_num_cpu_devices", int(count))  # the CPU backend only
     log.debug("cpu_devices: the CPU backend gets %d devices", count)
     return True
 

@@ -137,3 +137,14 @@ def test_split_cpu_leaves_a_started_jax_alone():
     before = jax.device_count()  # starts the backends
     assert parallel.split_cpu(2) is False and parallel.split_cpu(1) is False
     assert jax.device_count() == before
+
+
+def test_split_cpu_before_jax_starts_gives_that_many_devices():
+    code = ("import jax; from autostructn2v_jax import parallel; "
+            "assert parallel.split_cpu(3); print('DEVICES', jax.device_count())")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "DEVICES 3" in proc.stdout
