@@ -541,6 +541,8 @@ def test_demo_data_bad_arguments(tmp_path, capsys):
     ("--config.stage1.replacement_strategy=mode", "stage1.replacement_strategy"),
     ("--config.split_ratio=(0.5,0.1)", "split_ratio"),
     ("--config.stage1.num_layers=0", "stage1.num_layers"),
+    ("--config.cpu_devices=-1", "cpu_devices"),
+    ("--config.cpu_devices=two", "cpu_devices"),
 ], ids=lambda v: v if not v.startswith("--") else v[len("--config."):])
 def test_bad_config_values(override, key, tmp_path, data_dir, capsys):
     run = tmp_path / "run"
