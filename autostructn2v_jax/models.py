@@ -90,14 +90,39 @@ BN_EPSILON = 1e-5
 # --------------------------------------------------------------------------------------------
 # Fast building blocks
 # --------------------------------------------------------------------------------------------
+def _windows_2x2(x: jax.Array) -> jax.Array:
+    """NHWC ``x`` (H, W even) -> ``(B, H/2, W/2, C, 4)``: the four pixels of each 2x2 window."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // 2, 2, w // 2, 2, c)
+    return jnp.transpose(x, (0, 1, 3, 5, 2, 4)).reshape(b, h // 2, w // 2, c, 4)
+
+
+@jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 stride-2 max-pool of NHWC ``x`` (H, W even) as reshape + max.
 
-    Same values as ``flax.linen.max_pool(x, (2, 2), strides=(2, 2))``; same gradients except that
-    ties inside a window share the gradient equally instead of giving it to one element.
+    Same values and gradients as ``flax.linen.max_pool(x, (2, 2), strides=(2, 2))``: the gradient
+    goes to one maximal element of each window (the first). The backward pass picks it with an
+    ``argmax`` rather than autodiff's ``x == max`` test, which divides by the number of matches:
+    when XLA recomputes ``x`` in another fusion with different rounding (seen at LLVM opt level 0)
+    no element matches and the gradient turns into NaN.
     """
     b, h, w, c = x.shape
     return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
+def _max_pool_fwd(x):
+    return max_pool_2x2(x), x
+
+
+def _max_pool_bwd(x, g):
+    b, h, w, c = x.shape
+    onehot = jax.nn.one_hot(jnp.argmax(_windows_2x2(x), axis=-1), 4, dtype=g.dtype)
+    gx = (onehot * g[..., None]).reshape(b, h // 2, w // 2, c, 2, 2)
+    return (jnp.transpose(gx, (0, 1, 4, 2, 5, 3)).reshape(b, h, w, c),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def depth_to_space_2x2(y: jax.Array, features: int) -> jax.Array:

@@ -172,6 +172,20 @@ def test_fast_maxpool_equals_flax_max_pool():
     np.testing.assert_array_equal(np.asarray(ga), np.asarray(gb))
 
 
+def test_maxpool_gradient_on_ties_goes_to_one_element():
+    """Windows full of ties (ReLU zeros, flat images): the whole gradient goes to one element, as
+    in flax, and is never NaN (autodiff's ``x == max`` count can be 0 when XLA recomputes ``x``)."""
+    x = jnp.round(_rand(9, (2, 6, 8, 3)) * 2.0)  # few distinct values: many tied windows
+    g = _rand(10, (2, 3, 4, 3))
+    ga = jax.grad(lambda x: jnp.sum(max_pool_2x2(x) * g))(x)
+    gb = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), strides=(2, 2)) * g))(x)
+    np.testing.assert_array_equal(np.asarray(ga), np.asarray(gb))
+    flat = jax.grad(lambda x: jnp.sum(max_pool_2x2(x) * g))(jnp.zeros((2, 6, 8, 3)))
+    per_window = np.asarray(flat).reshape(2, 3, 2, 4, 2, 3)
+    np.testing.assert_array_equal((per_window != 0).sum(axis=(2, 4)), 1)
+    np.testing.assert_allclose(per_window.sum(axis=(2, 4)), np.asarray(g), rtol=1e-6)
+
+
 def test_fast_network_equals_stock_network():
     feats, depth = 4, 2
     x = _rand(8, (2, 16, 24, 1))
