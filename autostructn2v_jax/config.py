@@ -39,6 +39,8 @@ def _stage(**overrides: Any) -> ml_collections.ConfigDict:
             num_val_patches=128,
             mask_percentage=15.0,
             replacement_strategy="local_mean",
+            pool="max",
+            top_skip=True,
             use_roi=True,
             roi_threshold=0.5,
             scale_factor=0.25,
@@ -189,8 +191,9 @@ def validate_stage(stage: ml_collections.ConfigDict, name: str) -> None:
     for key in ("patch_size", "batch_size", "features", "num_layers", "patches_per_image",
                 "num_val_patches", "steps_per_dispatch", "predict_tile_size"):
         _positive_int(stage, key, p)
-    for key in ("use_roi", "select_background", "use_augmentation"):
+    for key in ("use_roi", "select_background", "use_augmentation", "top_skip"):
         _bool(stage, key, p)
+    _check(stage.pool in models.POOLS, p + "pool", f"must be one of {models.POOLS}, got {stage.pool!r}")
     lr = stage.learning_rate
     _check(_is_number(lr) and 0 < lr < 1, p + "learning_rate", f"must be in (0, 1), got {lr!r}")
     pct = stage.mask_percentage
@@ -321,6 +324,8 @@ DESCRIPTIONS = {
     "mask_percentage": "target percentage of hidden pixels per patch",
     "mask_center_size": "stage 1: side of the hidden centre block (odd)",
     "replacement_strategy": "local_mean (0): mean of unmasked 3x3 neighbours; zero (1); random (2): a random unmasked value; median: median of unmasked 3x3 neighbours (N2V2)",
+    "pool": "U-Net down-sampling: max (2x2 max-pool) or blur (N2V2 max-blur-pool, against checkerboard artefacts)",
+    "top_skip": "keep the U-Net's top-level skip connection (false: N2V2, the output cannot copy the input's finest detail)",
     "use_roi": "sample patches from regions of interest only",
     "roi_threshold": "ROI threshold on the smoothed, [0,1]-scaled thumbnail",
     "scale_factor": "thumbnail scale for the ROI map",

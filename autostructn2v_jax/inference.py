@@ -27,17 +27,20 @@ class StageModel:
         self.features = int(stage_cfg.features)
         self.tile_size = int(stage_cfg.predict_tile_size)
         self.tta = tta
-        self.apply_fn = models.make_apply_fn(self.features, self.num_layers)
+        self.pool = str(stage_cfg.get("pool", "max"))
+        self.top_skip = bool(stage_cfg.get("top_skip", True))
+        self.apply_fn = models.make_apply_fn(self.features, self.num_layers, "auto", self.pool, self.top_skip)
+        self.halo = models.receptive_field(self.num_layers, self.pool, self.top_skip)
 
     def __call__(self, plane: np.ndarray) -> np.ndarray:
         # A small image gets a smaller tile (no wasted compute); images of at least the configured
         # tile share one compiled shape.
-        auto = predict.tile_plan(plane.shape, self.num_layers)
+        auto = predict.tile_plan(plane.shape, self.num_layers, halo=self.halo)
         tile = min(self.tile_size, auto.tile) if self.tile_size > 2 * auto.halo + 2 ** self.num_layers else auto.tile
-        plan = predict.tile_plan(plane.shape, self.num_layers, tile)
+        plan = predict.tile_plan(plane.shape, self.num_layers, tile, self.halo)
         batch = max(1, min(8, plan.ny * plan.nx))
         return predict.predict_image(self.variables, plane, apply_fn=self.apply_fn, num_layers=self.num_layers,
-                                     tile_size=tile, batch_tiles=batch, tta=self.tta)
+                                     tile_size=tile, halo=self.halo, batch_tiles=batch, tta=self.tta)
 
     def finish(self, normed: np.ndarray, prediction: np.ndarray) -> np.ndarray:
         """The written output: the prediction, combined with the noisy plane itself by the
@@ -67,6 +70,7 @@ def save_model_json(stage_dir: pathlib.Path, stage_cfg, kernel: np.ndarray, name
     files.atomic_write_text(stage_dir / "model.json", json.dumps(dict(
         format_version=config_lib.FORMAT_VERSION, stage=name, features=int(stage_cfg.features),
         num_layers=int(stage_cfg.num_layers), patch_size=int(stage_cfg.patch_size),
+        pool=str(stage_cfg.get("pool", "max")), top_skip=bool(stage_cfg.get("top_skip", True)),
         predict_tile_size=int(stage_cfg.predict_tile_size), kernel=np.asarray(kernel, int).tolist(),
     ), indent=2))
 
@@ -88,7 +92,7 @@ def load_run(run_dir: str | os.PathLike, stage: str | None = None):
             raise UserInputError(f"{model_json}: run folder from an incompatible version "
                                  f"(format {meta.get('format_version')}, expected {config_lib.FORMAT_VERSION})")
         variables = train.load_stage_variables(run_dir / name, meta["features"], meta["num_layers"],
-                                               meta["patch_size"])
+                                               meta["patch_size"], bool(meta.get("top_skip", True)))
         if variables is None:
             raise UserInputError(f"{run_dir / name / 'checkpoints'}: no checkpoint found")
         return cfg, name, StageModel(variables, cfg[name], posterior_mean=cfg.posterior_mean)
@@ -122,7 +126,7 @@ def predict_files(run_dir, input_path, output_dir, *, overwrite: bool = False, a
     for path in paths:
         if path in large:
             stream.denoise_tiff(model.variables, path, out_dir / path.name, apply_fn=model.apply_fn,
-                                num_layers=model.num_layers, tile_size=model.tile_size, dtype=dtype,
+                                num_layers=model.num_layers, tile_size=model.tile_size, halo=model.halo, dtype=dtype,
                                 overwrite=overwrite, tta=tta, posterior_mean=model.posterior_mean)
             written.append(out_dir / path.name)
             continue

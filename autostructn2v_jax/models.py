@@ -74,6 +74,10 @@ __all__ = [
     "UNet",
     "UpConv2x2",
     "max_pool_2x2",
+    "blur_pool_2x2",
+    "pool_2x2",
+    "POOLS",
+    "has_top_skip",
     "check_patch_size",
     "init_variables",
     "apply_model",
@@ -123,6 +127,49 @@ def _max_pool_bwd(x, g):
 
 
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def _blur_half(m: jax.Array, axis: int) -> jax.Array:
+    """``[1, 2, 1] / 4`` blur along ``axis`` (reflect padding) kept at the even positions."""
+    n = m.shape[axis]
+    even = jax.lax.slice_in_dim(m, 0, n, 2, axis)
+    odd = jax.lax.slice_in_dim(m, 1, n, 2, axis)  # odd[k] = m[2k + 1]
+    first = jax.lax.slice_in_dim(odd, 0, 1, axis=axis)  # reflect: m[-1] = m[1]
+    before = jnp.concatenate([first, jax.lax.slice_in_dim(odd, 0, n // 2 - 1, axis=axis)], axis)
+    return 0.25 * before + 0.5 * even + 0.25 * odd
+
+
+def _max_next(x: jax.Array, axis: int) -> jax.Array:
+    """``max(x[i], x[i + 1])`` along ``axis``; the last position keeps ``x[-1]`` (edge padding)."""
+    n = x.shape[axis]
+    nxt = jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis),
+                           jax.lax.slice_in_dim(x, n - 1, n, axis=axis)], axis)
+    return jnp.maximum(x, nxt)
+
+
+def blur_pool_2x2(x: jax.Array) -> jax.Array:
+    """N2V2's max-blur-pool of NHWC ``x`` (H, W even): a 2x2 max with stride 1, then a separable
+    ``[1, 2, 1] / 4`` blur sampled with stride 2 -> ``(B, H/2, W/2, C)``.
+
+    Höck et al. (2022) replace the U-Net's max-pools with it to remove the checkerboard artefacts
+    of plain N2V (a stride-2 max aliases). Output pixel ``k`` sees input pixels ``2k-1 .. 2k+2``
+    per axis (max-pool: ``2k .. 2k+1``); :func:`receptive_field` accounts for it. Written with
+    slices and adds only, so its gradient is as cheap as the forward.
+    """
+    m = _max_next(_max_next(x, 1), 2)
+    return _blur_half(_blur_half(m, 1), 2)
+
+
+POOLS = ("max", "blur")
+
+
+def pool_2x2(x: jax.Array, pool: str) -> jax.Array:
+    """The U-Net's down-sampling: ``"max"`` (:func:`max_pool_2x2`) or ``"blur"`` (N2V2)."""
+    if pool == "max":
+        return max_pool_2x2(x)
+    if pool == "blur":
+        return blur_pool_2x2(x)
+    raise ConfigError("model.pool", f"must be one of {POOLS}, got {pool!r}")
 
 
 def depth_to_space_2x2(y: jax.Array, features: int) -> jax.Array:
@@ -324,6 +371,8 @@ class UNet(nn.Module):
     num_layers: int = 2
     fast_ops: bool = True  # False: stock nn.ConvTranspose / nn.max_pool (tests, benchmarks)
     conv_impl: str = "auto"  # see CONV_IMPLS; "auto": per backend
+    pool: str = "max"  # "max" or "blur" (N2V2 max-blur-pool)
+    top_skip: bool = True  # False: no skip connection at the top level (N2V2)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -332,10 +381,10 @@ class UNet(nn.Module):
         for level in range(self.num_layers):
             x = ConvBlock(self.features * 2**level, self.conv_impl, name=f"enc_{level}")(x, train)
             skips.append(x)
-            if self.fast_ops:
-                x = max_pool_2x2(x)
-            else:
+            if not self.fast_ops and self.pool == "max":
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            else:
+                x = pool_2x2(x, self.pool)
         x = ConvBlock(self.features * 2**self.num_layers, self.conv_impl, name="bottleneck")(x, train)
         for level in reversed(range(self.num_layers)):
             feats = self.features * 2**level
@@ -344,7 +393,8 @@ class UNet(nn.Module):
             else:
                 x = nn.ConvTranspose(feats, (2, 2), strides=(2, 2), padding="VALID",
                                      name=f"up_{level}")(x)
-            x = jnp.concatenate([skips[level], x], axis=-1)
+            if level > 0 or self.top_skip:
+                x = jnp.concatenate([skips[level], x], axis=-1)
             x = ConvBlock(feats, self.conv_impl, name=f"dec_{level}")(x, train)
         return nn.Conv(1, (1, 1), name="out")(x)
 
@@ -380,10 +430,10 @@ def _numpy_seed(seed_or_key: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def _variable_shapes(features: int, num_layers: int) -> dict:
+def _variable_shapes(features: int, num_layers: int, top_skip: bool = True) -> dict:
     """Shapes of ``UNet(features, num_layers)``'s variables, from ``jax.eval_shape`` (traced, never
     compiled: compiling Flax's init costs seconds per architecture on CPU)."""
-    model = UNet(features=features, num_layers=num_layers)
+    model = UNet(features=features, num_layers=num_layers, top_skip=top_skip)
     size = 2 * 2**num_layers  # the smallest valid input: parameter shapes do not depend on it
     x = jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32)
     return jax.eval_shape(lambda x: model.init({"params": jax.random.key(0, impl="rbg")}, x,
@@ -415,20 +465,23 @@ def _init_tree(rng: np.random.Generator, tree: Any) -> Any:
             for k, v in sorted(tree.items())}
 
 
-def init_variables(features: int, num_layers: int, patch_size: int, seed_or_key: Any) -> dict:
+def init_variables(features: int, num_layers: int, patch_size: int, seed_or_key: Any, *,
+                   top_skip: bool = True) -> dict:
     """Fresh ``{'params': ..., 'batch_stats': ...}`` (plain nested dicts of float32 arrays).
 
     ``seed_or_key``: an int seed or a jax PRNG key (its key data seeds the draw). The values are
     what ``UNet.init`` gives (``lecun_normal`` kernels, zero biases, BatchNorm scale 1 and running
     statistics 0 / 1), drawn on the host with a numpy Generator: deterministic for a given seed
     on every backend, and nothing is compiled. ``patch_size`` is only validated (parameter shapes
-    do not depend on it).
+    do not depend on it). ``top_skip=False``: the N2V2 network without a top-level skip (its
+    ``dec_0`` block takes ``features`` channels instead of ``2 * features``); the pooling kind has
+    no parameters.
     """
     check_patch_size(patch_size, num_layers)
     features, num_layers = int(features), int(num_layers)
     if features < 1:
         raise ConfigError("model.features", f"must be >= 1, got {features}")
-    shapes = _variable_shapes(features, num_layers)
+    shapes = _variable_shapes(features, num_layers, bool(top_skip))
     rng = np.random.default_rng(_numpy_seed(seed_or_key))
     params = _init_tree(rng, shapes["params"])
     stats = _init_tree(rng, shapes["batch_stats"])
@@ -442,14 +495,19 @@ def _plain(tree: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def make_apply_fn(features: int, num_layers: int, conv_impl: str = "auto") -> Callable:
-    """Pure ``apply(variables, x, train)`` for ``UNet(features, num_layers, conv_impl=conv_impl)``.
+def make_apply_fn(features: int, num_layers: int, conv_impl: str = "auto", pool: str = "max",
+                  top_skip: bool = True) -> Callable:
+    """Pure ``apply(variables, x, train)`` for ``UNet(features, num_layers, conv_impl, pool,
+    top_skip)``.
 
     ``train=True`` returns ``(y, new_batch_stats)``; ``train=False`` returns ``y``. ``train`` must
     be a Python bool (static). Cached per architecture and convolution implementation.
     """
     resolve_conv_impl(conv_impl)  # validate now, not at trace time
-    model = UNet(features=int(features), num_layers=int(num_layers), conv_impl=conv_impl)
+    if pool not in POOLS:
+        raise ConfigError("model.pool", f"must be one of {POOLS}, got {pool!r}")
+    model = UNet(features=int(features), num_layers=int(num_layers), conv_impl=conv_impl,
+                 pool=pool, top_skip=bool(top_skip))
 
     def apply(variables: dict, x: jax.Array, train: bool):
         v = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
@@ -458,7 +516,7 @@ def make_apply_fn(features: int, num_layers: int, conv_impl: str = "auto") -> Ca
             return y, _plain(updates["batch_stats"])
         return model.apply(v, x, train=False)
 
-    apply.__name__ = f"unet_f{features}_l{num_layers}_{conv_impl}_apply"
+    apply.__name__ = f"unet_f{features}_l{num_layers}_{conv_impl}_{pool}{'' if top_skip else '_noskip'}_apply"
     return apply
 
 
@@ -471,17 +529,29 @@ def architecture(variables: dict) -> tuple[int, int]:
     return features, num_layers
 
 
-def apply_model(variables: dict, x: jax.Array, train: bool):
+def has_top_skip(variables: dict) -> bool:
+    """Whether the network of ``variables`` has its top-level skip connection (read from the
+    input channels of ``dec_0``: ``2 * features`` with it, ``features`` without)."""
+    features, num_layers = architecture(variables)
+    if num_layers == 0:
+        return True
+    return int(variables["params"]["dec_0"]["Conv_0"]["kernel"].shape[2]) == 2 * features
+
+
+def apply_model(variables: dict, x: jax.Array, train: bool, pool: str = "max"):
     """Pure forward pass; the architecture is inferred from ``variables`` (static under jit).
+    ``pool`` has no parameters, so it cannot be read from them: pass ``"blur"`` for an N2V2
+    network.
 
     ``train=True`` -> ``(y, new_batch_stats)``, ``train=False`` -> ``y``.
     """
     features, num_layers = architecture(variables)
-    return make_apply_fn(features, num_layers)(variables, x, train)
+    return make_apply_fn(features, num_layers, "auto", pool, has_top_skip(variables))(variables, x, train)
 
 
-def receptive_field(num_layers: int) -> int:
-    """Exact receptive-field radius (pixels, per axis) of ``UNet(_, num_layers)`` in the interior.
+def receptive_field(num_layers: int, pool: str = "max", top_skip: bool = True) -> int:
+    """Exact receptive-field radius (pixels, per axis) of ``UNet(_, num_layers, pool=pool,
+    top_skip=top_skip)`` in the interior.
 
     Output pixel ``p`` depends on input pixels in ``[p - a, p + b]`` where ``a, b`` depend on the
     phase ``p mod 2**num_layers`` (pooling grid); the radius is the maximum of ``a, b`` over all
@@ -489,13 +559,15 @@ def receptive_field(num_layers: int) -> int:
     distance an input pixel cannot influence an output pixel (away from the image borders).
     """
     depth = int(num_layers)
+    # pooled pixel k sees [2k, 2k+1] (max) or [2k-1, 2k+2] (blur) of the level above
+    reach = {"max": (0, 1), "blur": (-1, 2)}[pool]
 
     def block(lo, hi):  # two 3x3 convs at the same level
         return lo - 2, hi + 2
 
     def dep_x(level, lo, hi):  # input of the encoder block at `level` -> network input pixels
         while level > 0:
-            lo, hi = block(2 * lo, 2 * hi + 1)  # through max-pool then encoder block of level-1
+            lo, hi = block(2 * lo + reach[0], 2 * hi + reach[1])  # pool, encoder block of level-1
             level -= 1
         return lo, hi
 
@@ -503,8 +575,10 @@ def receptive_field(num_layers: int) -> int:
         lo, hi = block(lo, hi)
         if level == depth:
             return dep_x(level, lo, hi)
-        a = dep_x(level, *block(lo, hi))  # skip: encoder block output at this level
         b = dep_dec(level + 1, lo // 2, hi // 2)  # up-convolution
+        if level == 0 and not top_skip:
+            return b
+        a = dep_x(level, *block(lo, hi))  # skip: encoder block output at this level
         return min(a[0], b[0]), max(a[1], b[1])
 
     radius = 0

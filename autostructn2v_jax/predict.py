@@ -194,7 +194,8 @@ def predict_image(
 # --------------------------------------------------------------------------------------------
 # Images larger than memory: horizontal strips with real context rows
 # --------------------------------------------------------------------------------------------
-def strip_plan(height: int, width: int, num_layers: int, tile_size: int | None = None) -> tuple[int, int, int]:
+def strip_plan(height: int, width: int, num_layers: int, tile_size: int | None = None,
+               halo: int | None = None) -> tuple[int, int, int]:
     """``(band, context, tile)`` for :func:`predict_strips`.
 
     ``context`` real rows above and below each band give every kept pixel its whole receptive
@@ -202,32 +203,33 @@ def strip_plan(height: int, width: int, num_layers: int, tile_size: int | None =
     the same pooling grid as the whole image's: strips stitch to exactly the whole-image result.
     """
     m = 2 ** int(num_layers)
-    plan = tile_plan((min(height, 4 * DEFAULT_CORE), width), num_layers, tile_size)
-    context = _round_up(receptive_field(num_layers), m)
+    plan = tile_plan((min(height, 4 * DEFAULT_CORE), width), num_layers, tile_size, halo)
+    context = _round_up(receptive_field(num_layers) if halo is None else int(halo), m)
     band = max(m, 2 * plan.core - 2 * context)  # band + 2 * context = two tile cores
     return band, context, plan.tile
 
 
 def predict_strips(variables, read_rows: Callable[[int, int], np.ndarray], height: int, width: int, *,
                    apply_fn: Callable | None = None, num_layers: int | None = None,
-                   tile_size: int | None = None, batch_tiles: int = 8, tta: bool = False):
+                   tile_size: int | None = None, halo: int | None = None, batch_tiles: int = 8,
+                   tta: bool = False):
     """Yield ``(row0, rows)`` of the prediction of an ``(height, width)`` normalised plane, strip
     by strip. ``read_rows(a, b)`` returns rows ``[a, b)`` as float32; memory is bounded by one strip
     (``band + 2 * context`` rows) and its tiles, not by the image."""
     if num_layers is None:
         num_layers = architecture(variables)[1]
-    band, context, tile = strip_plan(height, width, num_layers, tile_size)
+    band, context, tile = strip_plan(height, width, num_layers, tile_size, halo)
     if height <= band + 2 * context:
         # A plane no taller than one strip (e.g. each plane of a stack): one pass, and a batch no
         # larger than its tile count, so no forward is spent on padding tiles (all planes of a
         # file share the shape: still one compile per file).
-        plan = tile_plan((height, width), num_layers, tile)
+        plan = tile_plan((height, width), num_layers, tile, halo)
         yield 0, predict_image(variables, read_rows(0, height), apply_fn=apply_fn, num_layers=num_layers,
-                               tile_size=tile, batch_tiles=min(batch_tiles, plan.ny * plan.nx), tta=tta)
+                               tile_size=tile, halo=halo, batch_tiles=min(batch_tiles, plan.ny * plan.nx), tta=tta)
         return
     for r0 in range(0, height, band):
         r1 = min(height, r0 + band)
         a, b = max(0, r0 - context), min(height, r1 + context)
         out = predict_image(variables, read_rows(a, b), apply_fn=apply_fn, num_layers=num_layers,
-                            tile_size=tile, batch_tiles=batch_tiles, tta=tta)
+                            tile_size=tile, halo=halo, batch_tiles=batch_tiles, tta=tta)
         yield r0, out[r0 - a:r1 - a]

@@ -95,7 +95,8 @@ def _plane_stats(src: _PlaneSource, p: int) -> dict:
 
 
 def denoise_tiff(variables, in_path, out_path, *, apply_fn: Callable, num_layers: int,
-                 tile_size: int | None = None, dtype: str | None = None, overwrite: bool = False,
+                 tile_size: int | None = None, halo: int | None = None, dtype: str | None = None,
+                 overwrite: bool = False,
                  tta: bool = False, posterior_mean: str = "off") -> pathlib.Path:
     """Denoise one TIFF into `out_path` with memory bounded by a strip; atomic (temp + rename).
 
@@ -137,7 +138,7 @@ def denoise_tiff(variables, in_path, out_path, *, apply_fn: Callable, num_layers
                     return ((src.rows(p, a, b).astype(np.float64) - mean) / std).astype(np.float32)
 
                 for r0, rows in predict.predict_strips(variables, read_normed, h, w, apply_fn=apply_fn,
-                                                       num_layers=num_layers, tile_size=tile_size, tta=tta):
+                                                       num_layers=num_layers, tile_size=tile_size, halo=halo, tta=tta):
                     if posterior_mean != "off" and not stats["constant"]:
                         rows = posterior.posterior_step(read_normed(r0, r0 + rows.shape[0]), rows,
                                                         posterior_mean)

@@ -61,6 +61,8 @@ class StageSpec:
     use_augmentation: bool
     steps_per_dispatch: int
     kernel: tuple  # the blind-spot kernel as nested tuples of bools
+    pool: str = "max"  # "max" or "blur" (N2V2)
+    top_skip: bool = True  # False: no top-level skip connection (N2V2)
 
     @property
     def kernel_array(self) -> np.ndarray:
@@ -80,6 +82,8 @@ class StageSpec:
             use_augmentation=bool(stage_cfg.use_augmentation),
             steps_per_dispatch=int(stage_cfg.steps_per_dispatch),
             kernel=tuple(tuple(bool(v) for v in row) for row in np.asarray(kernel, bool)),
+            pool=str(stage_cfg.get("pool", "max")),
+            top_skip=bool(stage_cfg.get("top_skip", True)),
         )
 
 
@@ -206,7 +210,8 @@ def make_eval_fn(apply_fn: Callable) -> Callable:
 
 
 def init_state(spec: StageSpec, seed: int, learning_rate: float) -> TrainState:
-    variables = models.init_variables(spec.features, spec.num_layers, spec.patch_size, seed)
+    variables = models.init_variables(spec.features, spec.num_layers, spec.patch_size, seed,
+                                      top_skip=spec.top_skip)
     opt_state = jax.jit(_optimizer().init)(variables["params"])
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -278,7 +283,7 @@ def train_stage(
     stage_root = jax.random.fold_in(root, 1 if name == "stage1" else 2)
     train_root = jax.random.fold_in(stage_root, _TRAIN_KEY)
 
-    apply_fn = models.make_apply_fn(spec.features, spec.num_layers)
+    apply_fn = models.make_apply_fn(spec.features, spec.num_layers, "auto", spec.pool, spec.top_skip)
     train_fn = make_train_fn(spec, apply_fn, batch_sharding)
     eval_fn = make_eval_fn(apply_fn)
     val_set = make_val_set(jax.random.fold_in(stage_root, _VAL_KEY), val_bank, spec,
@@ -387,9 +392,11 @@ def train_stage(
                        seconds=time.perf_counter() - t_start)
 
 
-def load_stage_variables(workdir: str | pathlib.Path, features: int, num_layers: int, patch_size: int) -> dict:
+def load_stage_variables(workdir: str | pathlib.Path, features: int, num_layers: int, patch_size: int,
+                         top_skip: bool = True) -> dict:
     """Best variables of a trained stage, for prediction (None without a checkpoint)."""
-    template = jax.eval_shape(lambda: models.init_variables(features, num_layers, patch_size, 0))
+    template = jax.eval_shape(lambda: models.init_variables(features, num_layers, patch_size, 0,
+                                                            top_skip=top_skip))
     found = restore_best_variables(pathlib.Path(workdir) / "checkpoints",
                                    {"params": template["params"], "batch_stats": template["batch_stats"]})
     return None if found is None else jax.device_get(found)

@@ -37,28 +37,32 @@ TRUE_VAR = {"white": 0.1**2, "hcorr": 0.08**2 + 0.04**2}
 STAGE2_MASK = np.ones((1, 9), bool)  # horizontal line of 9 pixels
 
 
-def stage_cfg(features: int, lr: float, strategy: str, stage2: bool) -> tuple:
+def stage_cfg(features: int, lr: float, strategy: str, stage2: bool, pool: str = "max",
+              top_skip: bool = True) -> tuple:
     cfg = config_lib.base_config()
     s = cfg.stage2 if stage2 else cfg.stage1
     s.features, s.batch_size, s.patch_size, s.learning_rate = features, 16, 64, lr
     s.patches_per_image, s.num_val_patches, s.use_roi = 50, 64, False
     s.replacement_strategy = strategy
+    s.pool, s.top_skip = pool, top_skip
     cfg.num_epochs = 0  # set by the caller
     return cfg, s
 
 
 def train_and_predict(noisy_n: list[np.ndarray], workdir: pathlib.Path, *, epochs: int, features: int,
-                      lr: float, strategy: str, kernel: np.ndarray, name: str, seed: int) -> dict:
-    cfg, s = stage_cfg(features, lr, strategy, name == "stage2")
+                      lr: float, strategy: str, kernel: np.ndarray, name: str, seed: int,
+                      pool: str = "max", top_skip: bool = True) -> dict:
+    cfg, s = stage_cfg(features, lr, strategy, name == "stage2", pool, top_skip)
     cfg.num_epochs, cfg.random_seed = epochs, seed
     cfg.early_stopping = False
     t0 = time.perf_counter()
     result = train.train_stage(noisy_n, noisy_n[:4], s, cfg, kernel, workdir, name=name)
     train_s = time.perf_counter() - t0
-    apply_fn = models.make_apply_fn(features, 2)
+    apply_fn = models.make_apply_fn(features, 2, "auto", pool, top_skip)
     out = {"train_s": train_s, "steps": int(result.history[-1]["step"]) if result.history else 0}
     for tta in (False, True):
-        kw = dict(apply_fn=apply_fn, num_layers=2, batch_tiles=1, tta=tta)
+        kw = dict(apply_fn=apply_fn, num_layers=2, batch_tiles=1, tta=tta,
+                  halo=models.receptive_field(2, pool, top_skip))
         t0 = time.perf_counter()
         predict.predict_image(result.variables, noisy_n[0], **kw)  # compile + warm-up
         out[f"compile_s_tta{int(tta)}"] = time.perf_counter() - t0
@@ -110,7 +114,8 @@ def make_case(case: str, out: pathlib.Path, args) -> None:
         stages.append(("stage2", STAGE2_MASK))
     for name, kernel in stages:
         r = train_and_predict(list(normed), folder / f"run_{name}", epochs=args.epochs, features=args.features,
-                              lr=args.lr, strategy=args.strategy, kernel=kernel, name=name, seed=args.seed)
+                              lr=args.lr, strategy=args.strategy, kernel=kernel, name=name, seed=args.seed,
+                              pool=args.pool, top_skip=not args.no_top_skip)
         for tta in (0, 1):
             saved[f"{name}_tta{tta}"] = r.pop(f"pred_tta{tta}")
         timing[name] = r
@@ -177,6 +182,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--strategy", default="local_mean", help="replacement strategy (e.g. median)")
     parser.add_argument("--seed", type=int, default=42, help="training seed (the noise is fixed)")
+    parser.add_argument("--pool", default="max", help="U-Net down-sampling: max or blur (N2V2)")
+    parser.add_argument("--no-top-skip", action="store_true", help="N2V2: no top-level skip connection")
     parser.add_argument("--cases", default="white,hcorr")
     parser.add_argument("--no-stage2", action="store_true")
     parser.add_argument("--eval-only", action="store_true")

@@ -126,9 +126,11 @@ def data_dir(work) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def full_run(work, data_dir):
-    """Mode 1 (configs/default.py), in process. Returns (run folder, argv, seconds)."""
+    """Mode 1 (configs/default.py), in process, stage 2 with the N2V2 network (blur-pool, no top
+    skip), so `predict --run` below also checks that a run rebuilds it. Returns (run folder, argv,
+    seconds)."""
     run = work / "run_full"
-    argv = train_args("default.py", data_dir, run)
+    argv = train_args("default.py", data_dir, run, "--config.stage2.pool=blur", "--config.stage2.top_skip=false")
     t0 = time.perf_counter()
     rc = _main(argv)
     assert rc == 0
@@ -143,6 +145,9 @@ def test_mode1_full_pipeline(full_run, data_dir):
     run, _, _ = full_run
     summary = _check_run(run, _tiffs(data_dir), ("stage1", "stage2"))
     assert summary["outputs"]["stage2"] == str(run / "stage2" / "denoised")
+    meta = json.loads((run / "stage2" / "model.json").read_text())
+    assert (meta["pool"], meta["top_skip"]) == ("blur", False)
+    assert (json.loads((run / "stage1" / "model.json").read_text())["pool"]) == "max"
     assert (run / "mask" / "autocorrelation.npy").is_file()
     # the denoised images are not just copies of the input
     src = read_tiff(_tiffs(data_dir)[0])
@@ -543,6 +548,8 @@ def test_demo_data_bad_arguments(tmp_path, capsys):
     ("--config.stage1.num_layers=0", "stage1.num_layers"),
     ("--config.cpu_devices=-1", "cpu_devices"),
     ("--config.cpu_devices=two", "cpu_devices"),
+    ("--config.stage1.pool=average", "stage1.pool"),
+    ("--config.stage2.top_skip=maybe", "stage2.top_skip"),
 ], ids=lambda v: v if not v.startswith("--") else v[len("--config."):])
 def test_bad_config_values(override, key, tmp_path, data_dir, capsys):
     run = tmp_path / "run"

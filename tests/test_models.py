@@ -22,6 +22,9 @@ from autostructn2v_jax.models import (
     init_variables,
     make_apply_fn,
     max_pool_2x2,
+    blur_pool_2x2,
+    has_top_skip,
+    count_params,
     receptive_field,
     reflect_conv3x3,
     resolve_conv_impl,
@@ -211,17 +214,19 @@ def test_fast_network_equals_stock_network():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
-@pytest.mark.parametrize("depth", [1, 2])
-def test_receptive_field_empirical(depth):
+@pytest.mark.parametrize("depth,pool,top_skip", [(1, "max", True), (2, "max", True),
+                                                 (1, "blur", True), (2, "blur", False)])
+def test_receptive_field_empirical(depth, pool, top_skip):
     feats, size = 4, 64
-    v = init_variables(feats, depth, size, 11)
-    # non-trivial running statistics
+    v = init_variables(feats, depth, size, 11, top_skip=top_skip)
+    # non-trivial running statistics (small: a larger shift of the means switches off every ReLU of
+    # the deep path, and the network without a top skip would then give a constant)
     v = {
         "params": v["params"],
         "batch_stats": jax.tree_util.tree_map(
-            lambda a: a + 0.1 * jnp.abs(_rand(3, a.shape)), v["batch_stats"]),
+            lambda a: a + 0.02 * jnp.abs(_rand(3, a.shape)), v["batch_stats"]),
     }
-    apply = make_apply_fn(feats, depth)
+    apply = make_apply_fn(feats, depth, "auto", pool, top_skip)
     m = 2**depth
     base = _rand(12, (1, size, size, 1))
     xs, centres = [base], []
@@ -233,7 +238,7 @@ def test_receptive_field_empirical(depth):
     # at different batch positions (last-bit differences on AMD Zen), which is not a dependency.
     fwd = jax.jit(lambda x: apply(v, x, False))
     y = np.stack([np.asarray(fwd(x))[0] for x in xs])
-    rf = receptive_field(depth)
+    rf = receptive_field(depth, pool, top_skip)
     yy, xx = np.mgrid[:size, :size]
     reach = 0
     for i, c in enumerate(centres):
@@ -247,6 +252,36 @@ def test_receptive_field_empirical(depth):
 
 def test_receptive_field_values():
     assert [receptive_field(n) for n in range(4)] == [2, 9, 23, 51]
+    assert [receptive_field(n, "blur") for n in range(4)] == [2, 10, 26, 58]
+    assert receptive_field(2, "blur", False) == receptive_field(2, "blur")  # the deep path reaches further
+
+
+def test_blur_pool_matches_a_direct_numpy_reference():
+    x = np.asarray(_rand(13, (2, 8, 12, 3)))
+    m = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)), mode="edge")
+    m = np.maximum(np.maximum(m[:, :-1, :-1], m[:, 1:, :-1]), np.maximum(m[:, :-1, 1:], m[:, 1:, 1:]))
+    m = np.pad(m, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    taps = np.array([0.25, 0.5, 0.25])
+    blurred = sum(taps[i] * taps[j] * m[:, i:i + 8, j:j + 12] for i in range(3) for j in range(3))
+    ref = blurred[:, ::2, ::2]
+    out = np.asarray(blur_pool_2x2(jnp.asarray(x)))
+    assert out.shape == (2, 4, 6, 3)
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+    g = jax.grad(lambda x: jnp.sum(blur_pool_2x2(x) ** 2))(jnp.asarray(x))
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_n2v2_network_has_no_top_skip_and_is_detected():
+    with_skip = init_variables(4, 2, 16, 0)
+    without = init_variables(4, 2, 16, 0, top_skip=False)
+    assert has_top_skip(with_skip) and not has_top_skip(without)
+    assert without["params"]["dec_0"]["Conv_0"]["kernel"].shape[2] == 4
+    assert count_params(without) < count_params(with_skip)
+    x = _rand(14, (1, 16, 16, 1))
+    y = jax.jit(lambda v, x: apply_model(v, x, False, "blur"))(without, x)
+    assert y.shape == x.shape and np.all(np.isfinite(np.asarray(y)))
+    with pytest.raises(ConfigError, match="model.pool"):
+        make_apply_fn(4, 2, "auto", "average")
 
 
 def test_gradient_step_reduces_loss(variables):

@@ -167,3 +167,20 @@ def test_stage_model_final_output_applies_the_posterior_step():
     np.testing.assert_array_equal(off.denoise(plane), raw)
     np.testing.assert_allclose(on.denoise(plane), posterior.posterior_step(plane, raw, "gaussian"), rtol=1e-6)
     assert not np.allclose(on.denoise(plane), raw)
+
+
+def test_n2v2_network_tiles_exactly_with_its_own_receptive_field():
+    """Blur-pool reaches one pixel further per pooling level: the halo from
+    ``receptive_field(L, "blur", False)`` keeps tiled prediction equal to the whole frame."""
+    v = init_variables(F, L, 32, 6, top_skip=False)
+    apply = make_apply_fn(F, L, "auto", "blur", False)
+    halo = receptive_field(L, "blur", False)
+    image = _image((100, 77), seed=4)
+    plan = tile_plan(image.shape, L, 84, halo)
+    tiled = predict_image(v, image, apply_fn=apply, num_layers=L, tile_size=84, halo=halo, batch_tiles=4)
+    h, w = image.shape
+    m = 2**L
+    fh, fw = -(-(h + 2 * plan.halo) // m) * m, -(-(w + 2 * plan.halo) // m) * m
+    frame = np.pad(image, ((plan.halo, fh - h - plan.halo), (plan.halo, fw - w - plan.halo)), mode="reflect")
+    whole = np.asarray(jax.jit(lambda x: apply(v, x, False))(frame[None, ..., None]))[0, ..., 0]
+    np.testing.assert_allclose(tiled, whole[plan.halo:plan.halo + h, plan.halo:plan.halo + w], atol=1e-5, rtol=0)
