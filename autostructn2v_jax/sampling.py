@@ -227,25 +227,27 @@ def dihedral_transforms(axes: tuple[int, int] = (0, 1)) -> list[tuple[Callable, 
 _D4 = dihedral_transforms((0, 1))
 
 
-def augment(key: jax.Array, *arrays: jax.Array) -> tuple:
+def augment(key: jax.Array, *arrays: jax.Array, enabled: jax.Array | bool = True) -> tuple:
     """Apply one random dihedral transform (of 8, uniform) identically to every array.
 
     Each array is ``(H, W)`` or ``(H, W, ...)`` with ``H == W`` (any dtype, e.g. bool masks).
     Jittable and vmappable (see :func:`augment_batch`). Returns a tuple of the transformed arrays.
+    ``enabled`` (may be traced): ``False`` applies the identity, so one compiled function serves
+    augmented training batches and the never-augmented validation set.
     """
     if not arrays:
         return ()
     for a in arrays:
         if a.ndim < 2 or a.shape[0] != a.shape[1]:
             raise ValueError(f"augment: arrays must be square (H, W, ...), got shape {a.shape}")
-    t = jax.random.randint(key, (), 0, 8)
+    t = jnp.where(enabled, jax.random.randint(key, (), 0, 8), 0)
     branches = [lambda arrs, f=f: tuple(f(a) for a in arrs) for f, _ in _D4]
     return tuple(jax.lax.switch(t, branches, tuple(jnp.asarray(a) for a in arrays)))
 
 
-def augment_batch(key: jax.Array, *arrays: jax.Array) -> tuple:
+def augment_batch(key: jax.Array, *arrays: jax.Array, enabled: jax.Array | bool = True) -> tuple:
     """:func:`augment` over the leading (batch) axis with independent per-sample transforms."""
     if not arrays:
         return ()
     keys = jax.random.split(key, arrays[0].shape[0])
-    return jax.vmap(augment)(keys, *arrays)
+    return jax.vmap(lambda k, *a: augment(k, *a, enabled=enabled))(keys, *arrays)

@@ -542,5 +542,11 @@ def test_augment_single_and_batch():
         assert len(idx) == 1
         kinds.add(idx[0])
     assert len(kinds) > 1  # per-sample transforms differ
+    # a traced `enabled=False` is the identity (the validation set draws through the same function)
+    fn = jax.jit(lambda k, b, on: sampling.augment_batch(k, b, enabled=on))
+    (same,) = fn(jax.random.PRNGKey(5), batch, jnp.asarray(False))
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(batch))
+    (turned,) = fn(jax.random.PRNGKey(5), batch, jnp.asarray(True))
+    np.testing.assert_array_equal(np.asarray(turned), np.asarray(out_a))
     with pytest.raises(ValueError):
         sampling.augment(jax.random.PRNGKey(0), jnp.zeros((4, 5)))

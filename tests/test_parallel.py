@@ -80,40 +80,27 @@ def test_sharded_step_equals_single_device_step():
 
 @pytest.mark.slow
 def test_sharded_training_through_cli(tmp_path):
-    """A CLI run on 4 devices trains like the same run on one device: same number of steps, one
-    metrics line per epoch, losses equal up to the reduction order."""
+    """A CLI run with `cpu_devices=4` trains data parallel on 4 devices and writes what a one-device
+    run writes (its outputs, one metrics line per epoch)."""
     from autostructn2v_jax import synth
 
     synth.write_demo_data(tmp_path / "data", count=2, size=64, case="white", seed=1)
-    records = {}
-    for name, devices in (("sharded", 4), ("single", 1)):
-        # sharded: the CPU split by the config key (the command line applies it before JAX
-        # starts); single: XLA_FLAGS fixes one device, which the split leaves alone
-        run = tmp_path / name
-        cmd = [sys.executable, "-m", "autostructn2v_jax.cli", "train", "--config", str(ROOT / "configs/stage1_only.py"),
-               f"--config.input_dir={tmp_path / 'data' / 'noisy'}", f"--config.output_dir={run}",
-               "--config.num_epochs=1", "--config.stage1.features=8", "--config.stage1.batch_size=8",
-               "--config.stage1.patches_per_image=16", "--config.stage1.num_val_patches=8",
-               "--config.stage1.predict_tile_size=64", f"--config.cpu_devices={devices}"]
-        env = _env()
-        if name == "sharded":
-            env["XLA_FLAGS"] = env["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=4", "").strip()
-            if not env["XLA_FLAGS"]:
-                del env["XLA_FLAGS"]
-        else:
-            env["XLA_FLAGS"] = env["XLA_FLAGS"].replace("device_count=4", "device_count=1")
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert ("data parallel over 4 cpu devices" in proc.stderr) == (name == "sharded"), proc.stderr[-3000:]
-        assert sorted(p.name for p in (run / "stage1" / "denoised").iterdir()) == ["image_00.tif", "image_01.tif"]
-        lines = (run / "stage1" / "metrics.jsonl").read_text().splitlines()
-        assert len(lines) == 1  # one line per epoch, whatever the device count
-        records[name] = json.loads(lines[0])
-    sharded, single = records["sharded"], records["single"]
-    # 2 images x 16 patches / batch 8 = 4 steps, run as whole dispatches of steps_per_dispatch (10)
-    assert sharded["step"] == single["step"] == 10
-    for key in ("train_loss", "val_loss"):
-        assert abs(sharded[key] - single[key]) <= 1e-3 * abs(single[key]), (key, sharded, single)
+    # The CPU split by the config key: the command line applies it before JAX starts. (That
+    # XLA_FLAGS' own device count wins over the key is checked in a cheap subprocess below; that a
+    # sharded step equals the one-device step, above.)
+    run = tmp_path / "sharded"
+    cmd = [sys.executable, "-m", "autostructn2v_jax.cli", "train", "--config", str(ROOT / "configs/stage1_only.py"),
+           f"--config.input_dir={tmp_path / 'data' / 'noisy'}", f"--config.output_dir={run}",
+           "--config.num_epochs=1", "--config.stage1.features=8", "--config.stage1.batch_size=8",
+           "--config.stage1.patches_per_image=16", "--config.stage1.num_val_patches=8",
+           "--config.stage1.predict_tile_size=64", "--config.cpu_devices=4"]
+    env = {k: v for k, v in _env().items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data parallel over 4 cpu devices" in proc.stderr, proc.stderr[-3000:]
+    assert sorted(p.name for p in (run / "stage1" / "denoised").iterdir()) == ["image_00.tif", "image_01.tif"]
+    lines = (run / "stage1" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1  # one line per epoch, whatever the device count
 
 
 def test_cpu_device_count_rule():
@@ -148,3 +135,11 @@ def test_split_cpu_before_jax_starts_gives_that_many_devices():
                           timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "DEVICES 3" in proc.stdout
+    # XLA_FLAGS' own device count wins: the split is refused and the count kept
+    code = ("import jax; from autostructn2v_jax import parallel; "
+            "assert not parallel.split_cpu(4); print('DEVICES', jax.device_count())")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "DEVICES 1" in proc.stdout
