@@ -94,22 +94,17 @@ BN_EPSILON = 1e-5
 # --------------------------------------------------------------------------------------------
 # Fast building blocks
 # --------------------------------------------------------------------------------------------
-def _windows_2x2(x: jax.Array) -> jax.Array:
-    """NHWC ``x`` (H, W even) -> ``(B, H/2, W/2, C, 4)``: the four pixels of each 2x2 window."""
-    b, h, w, c = x.shape
-    x = x.reshape(b, h // 2, 2, w // 2, 2, c)
-    return jnp.transpose(x, (0, 1, 3, 5, 2, 4)).reshape(b, h // 2, w // 2, c, 4)
-
-
 @jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 stride-2 max-pool of NHWC ``x`` (H, W even) as reshape + max.
 
     Same values and gradients as ``flax.linen.max_pool(x, (2, 2), strides=(2, 2))``: the gradient
-    goes to one maximal element of each window (the first). The backward pass picks it with an
-    ``argmax`` rather than autodiff's ``x == max`` test, which divides by the number of matches:
-    when XLA recomputes ``x`` in another fusion with different rounding (seen at LLVM opt level 0)
-    no element matches and the gradient turns into NaN.
+    goes to one maximal element of each window, the first in row-major order. The backward pass
+    selects exactly one element per window even if no element compares equal to the maximum (the
+    last one then gets it). Autodiff's rule instead divides by the number of matches: when XLA
+    recomputes ``x`` in another fusion with different rounding (seen at LLVM opt level 0) there are
+    none and the gradient is 0 / 0 = NaN. Written with compares and selects on the unpermuted
+    layout, it is also 2-3x faster than autodiff's (docs/benchmarks.md).
     """
     b, h, w, c = x.shape
     return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
@@ -121,9 +116,12 @@ def _max_pool_fwd(x):
 
 def _max_pool_bwd(x, g):
     b, h, w, c = x.shape
-    onehot = jax.nn.one_hot(jnp.argmax(_windows_2x2(x), axis=-1), 4, dtype=g.dtype)
-    gx = (onehot * g[..., None]).reshape(b, h // 2, w // 2, c, 2, 2)
-    return (jnp.transpose(gx, (0, 1, 4, 2, 5, 3)).reshape(b, h, w, c),)
+    win = x.reshape(b, h // 2, 2, w // 2, 2, c)
+    eq = win == jnp.max(win, axis=(2, 4), keepdims=True)
+    e00, e01, e10 = eq[:, :, 0:1, :, 0:1], eq[:, :, 0:1, :, 1:2], eq[:, :, 1:2, :, 0:1]
+    first = jnp.concatenate([jnp.concatenate([e00, e01 & ~e00], axis=4),
+                             jnp.concatenate([e10 & ~(e00 | e01), ~(e00 | e01 | e10)], axis=4)], axis=2)
+    return (jnp.where(first, g[:, :, None, :, None, :], 0.0).reshape(b, h, w, c).astype(x.dtype),)
 
 
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
