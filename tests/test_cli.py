@@ -253,7 +253,7 @@ def test_resume_same_command_is_a_no_op(full_run):
 def test_different_config_in_output_dir_refused(full_run, data_dir, capsys):
     run, argv, _ = full_run
     before = _snapshot(run)
-    rc, out, err = run_main(argv + ["--config.stage1.learning_rate=0.001"], capsys)
+    rc, out, err = run_main(argv + ["--config.stage1.learning_rate=0.002"], capsys)
     _assert_user_error(rc, err, str(run), "overwrite")
     assert _snapshot(run) == before
 
