@@ -13,7 +13,6 @@ from a seeded key: epochs are comparable and copying the input is not rewarded.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -25,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from autostructn2v_jax import files, masking, models, parallel, policy, sampling
 from autostructn2v_jax.checkpoint import Checkpointer, restore_best_variables
@@ -107,73 +106,21 @@ def _optimizer() -> optax.GradientTransformation:
     return optax.scale_by_adam()
 
 
-def sample_batch(key: jax.Array, bank: sampling.ImageBank, spec: StageSpec,
-                 sharding: NamedSharding | None = None) -> jax.Array:
-    """The (B, P, P) patches of the batch of ``key`` (the part of :func:`make_batch` that reads
-    the bank, whose shape differs between the training and validation images)."""
-    k_sample, _, _ = jax.random.split(key, 3)
+def make_batch(key: jax.Array, bank: sampling.ImageBank, spec: StageSpec, *, augment: bool,
+               sharding: NamedSharding | None = None):
+    """(inputs, targets, prediction_masks), each (B, P, P): sampled, masked, replaced, augmented."""
+    k_sample, k_mask, k_aug = jax.random.split(key, 3)
     patches = sampling.sample_patches(k_sample, bank, spec.patch_size, spec.batch_size)
     if sharding is not None:  # split the batch over the devices; the rest follows
         patches = jax.lax.with_sharding_constraint(patches, sharding)
-    return patches
-
-
-def mask_batch(key: jax.Array, patches: jax.Array, spec: StageSpec, *, augment: bool | jax.Array):
-    """(inputs, targets, prediction_masks) of the batch of ``key`` from its patches: masked,
-    replaced, augmented. ``augment``: a Python bool, or a traced bool (one compiled function for
-    the training batches and the never-augmented validation set)."""
-    _, k_mask, k_aug = jax.random.split(key, 3)
     inputs, pred_masks, _ = masking.make_blind_spot_batch(
         k_mask, patches, spec.kernel_array, spec.mask_percentage, spec.strategy
     )
-    if augment is not False:
+    if augment:
         # Masks are drawn in the patch's own orientation, then everything turns together: the
         # structural kernel is transformed exactly like the noise correlation it must cover.
-        inputs, patches, pred_masks = sampling.augment_batch(k_aug, inputs, patches, pred_masks,
-                                                             enabled=augment)
+        inputs, patches, pred_masks = sampling.augment_batch(k_aug, inputs, patches, pred_masks)
     return inputs, patches, pred_masks
-
-
-def make_batch(key: jax.Array, bank: sampling.ImageBank, spec: StageSpec, *, augment: bool | jax.Array,
-               sharding: NamedSharding | None = None):
-    """(inputs, targets, prediction_masks), each (B, P, P): sampled, masked, replaced, augmented."""
-    return mask_batch(key, sample_batch(key, bank, spec, sharding), spec, augment=augment)
-
-
-@functools.lru_cache(maxsize=64)
-def make_batch_fn(spec: StageSpec, sharding: NamedSharding | None = None) -> Callable:
-    """``batch_fn(root, index, bank, augment)``: :func:`make_batch` for key ``fold_in(root, index)``
-    as two compiled calls, sampling then masking.
-
-    The per-step training path (``index`` = the state's step) and the validation set (``index`` =
-    batch number, ``augment=False``) share the masking call, which holds most of the data path's
-    compile time (mask tiling, replacement, augmentation); only the cheap sampling call compiles
-    once per bank shape. ``augment`` is traced and only matters when ``spec.use_augmentation``.
-    Cached per (spec, sharding), so every caller gets the same compiled functions.
-    """
-    aug_on = spec.use_augmentation
-
-    @jax.jit
-    def sample(root, index, bank):
-        return sample_batch(jax.random.fold_in(root, index), bank, spec, sharding)
-
-    @jax.jit
-    def mask(root, index, patches, augment):
-        return mask_batch(jax.random.fold_in(root, index), patches, spec,
-                          augment=augment if aug_on else False)
-
-    # The scalars on the devices the step counter lives on: a jit cache entry is keyed on where
-    # its arguments are, and the validation set's must hit the training steps' entry.
-    where = None if sharding is None else NamedSharding(sharding.mesh, PartitionSpec())
-
-    def batch_fn(root: jax.Array, index: jax.Array, bank: sampling.ImageBank, augment: jax.Array):
-        index = jnp.asarray(index, jnp.int32)
-        augment = jnp.asarray(augment, bool)
-        if where is not None:
-            index, augment = jax.device_put((index, augment), where)  # no-op when already there
-        return mask(root, index, sample(root, index, bank), augment)
-
-    return batch_fn
 
 
 def make_train_fn(spec: StageSpec, apply_fn: Callable, sharding: NamedSharding | None = None,
@@ -186,8 +133,10 @@ def make_train_fn(spec: StageSpec, apply_fn: Callable, sharding: NamedSharding |
     """
     tx = _optimizer()
 
-    def update(state: TrainState, batch):
-        inputs, targets, pred_masks = batch
+    def one_step(state: TrainState, bank: sampling.ImageBank, root: jax.Array):
+        key = jax.random.fold_in(root, state.step)
+        inputs, targets, pred_masks = make_batch(key, bank, spec, augment=spec.use_augmentation,
+                                                 sharding=sharding)
 
         def loss_fn(params):
             variables = {"params": params, "batch_stats": state.batch_stats}
@@ -202,26 +151,17 @@ def make_train_fn(spec: StageSpec, apply_fn: Callable, sharding: NamedSharding |
         )
         return new_state, loss
 
-    def one_step(state: TrainState, bank: sampling.ImageBank, root: jax.Array):
-        key = jax.random.fold_in(root, state.step)
-        return update(state, make_batch(key, bank, spec, augment=spec.use_augmentation,
-                                        sharding=sharding))
-
     k = spec.steps_per_dispatch
     if not (use_scan() if scan is None else scan):
         # On CPU each step is its own dispatch: XLA:CPU runs a step inside a while loop
-        # (lax.scan) slower than in straight-line code (docs/benchmarks.md). The batch is drawn by
-        # its own compiled function (shared with the validation set: one compile less per stage)
-        # and the update by another; dispatch is asynchronous, so there is still no host round
-        # trip per step.
-        batch_fn = make_batch_fn(spec, sharding)
-        step = jax.jit(update, donate_argnums=0)
-        on = jnp.asarray(True)
+        # (lax.scan) slower than in straight-line code (docs/benchmarks.md). Dispatch is
+        # asynchronous, so there is still no host round trip per step.
+        step = jax.jit(one_step, donate_argnums=0)
 
         def run_steps(state, bank, root):
             losses = []
             for _ in range(k):
-                state, loss = step(state, batch_fn(root, state.step, bank, on))
+                state, loss = step(state, bank, root)
                 losses.append(loss)
             return state, jnp.stack(losses)
 
@@ -242,10 +182,13 @@ def make_val_set(key: jax.Array, bank: sampling.ImageBank, spec: StageSpec, coun
                  sharding: NamedSharding | None = None):
     """A fixed validation set: `count` patches with their masks (drawn once, never augmented)."""
     n_batches = max(1, math.ceil(count / spec.batch_size))
-    batch_fn = make_batch_fn(spec, sharding)  # the training steps' compiled data path
-    off = jnp.asarray(False)
-    batches = [batch_fn(key, jnp.asarray(i, jnp.int32), bank, off) for i in range(n_batches)]
-    return tuple(jnp.stack(parts) for parts in zip(*batches))  # each (n_batches, B, P, P)
+
+    @jax.jit
+    def draw(key, bank):  # the bank is an argument, not a compile-time constant
+        keys = jax.random.split(key, n_batches)
+        return jax.lax.map(lambda k: make_batch(k, bank, spec, augment=False, sharding=sharding), keys)
+
+    return draw(key, bank)  # each (n_batches, B, P, P)
 
 
 def make_eval_fn(apply_fn: Callable) -> Callable:
