@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import scipy.ndimage
 
 from . import sampling
 from .autocorr import autocorrelation, deconvolve_highpass, flattest_tiles, highpass
@@ -39,6 +40,7 @@ __all__ = [
     "METHODS",
     "BASELINES",
     "threshold_surface",
+    "smooth_pedestal",
     "extract_structural_mask",
     "find_structural_mask",
     "structure_bank",
@@ -51,8 +53,11 @@ __all__ = [
 
 METHODS = EXTRACTOR_METHODS
 _DECONV_RADIUS = 8
-_FLAT_SPREAD = 1.5  # keep tiles up to 1.5x the flat quantile: pure noise is then not biased
-_FLAT_SMOOTH = 2.0  # rank tiles by their coarse detail (what the inversion amplifies)
+_FLAT_SPREAD = 2.0  # keep tiles up to 2x the flat quantile: pure noise is then barely biased
+_FLAT_SMOOTH = 4.0  # rank tiles by their coarse detail (what the inversion amplifies); 2.0 leaked
+# photo content into the recovered ACF as a pedestal of 0.1-0.2 (docs/benchmarks.md)
+_PEDESTAL_SIGMA = 2.0  # the smooth pedestal: a Gaussian of this sigma (lags) over the other lags
+_PEDESTAL_ROUNDS = 4
 
 
 def threshold_surface(size: int, cb: float, df: float) -> np.ndarray:
@@ -161,21 +166,54 @@ def _significance_method(
     return finish(cand, excess, cfg), info
 
 
+def smooth_pedestal(acf: np.ndarray, exclude: np.ndarray, sigma: float = _PEDESTAL_SIGMA) -> np.ndarray:
+    """The broad, smooth part of an ACF: a normalised Gaussian average (``sigma`` lags) of the lags
+    not in ``exclude``, clipped at 0.  Image content left in the flattest tiles enters the recovered
+    ACF as such a pedestal (a slow rise towards the centre); a noise correlation stands out of it."""
+    keep = (~np.asarray(exclude, bool)).astype(np.float64)
+    num = scipy.ndimage.gaussian_filter(acf * keep, sigma, mode="constant")
+    den = scipy.ndimage.gaussian_filter(keep, sigma, mode="constant")
+    return np.maximum(np.where(den > 1e-3, num / np.maximum(den, 1e-3), 0.0), 0.0)
+
+
+def _excess(noise: np.ndarray, core: np.ndarray, threshold: float) -> np.ndarray:
+    """``noise`` minus its smooth pedestal, the pedestal re-estimated without the lags that stand out
+    (``core`` plus those with excess ``>= threshold``) for a few rounds."""
+    standing = core.copy()
+    for _ in range(_PEDESTAL_ROUNDS):
+        excess = noise - smooth_pedestal(noise, standing)
+        standing = core | (excess >= threshold)
+    return excess
+
+
 def _deconvolved_method(detected: np.ndarray, info: dict, noise_acf: Any, cfg: Any) -> tuple[np.ndarray, dict]:
-    """Extent from the recovered noise ACF, when the significance detector found any structure."""
+    """Extent from the recovered noise ACF, when any of the three detectors finds structure."""
     if noise_acf is None:
         raise ValueError("the deconvolved method needs noise_acf (find_structural_mask computes it)")
     noise = crop_center(np.asarray(noise_acf, dtype=np.float64), cfg.center_size)
+    c = noise.shape[0] // 2
     info["noise_acf"] = noise
     info["detected"] = detected
-    off_centre = noise.copy()
-    off_centre[noise.shape[0] // 2, noise.shape[1] // 2] = -np.inf
+    core = info["candidates"] | (noise >= cfg.deconv_detect_threshold)
+    core[c, c] = True
+    excess = _excess(noise, core, cfg.deconv_excess_threshold)
+    info["pedestal_excess"] = excess
+    off = np.ones_like(core)
+    off[c, c] = False
     info["detected_by"] = ("significance" if int(detected.sum()) > 1 else
-                           "recovered" if off_centre.max() >= cfg.deconv_detect_threshold else "none")
+                           "recovered" if noise[off].max(initial=-np.inf) >= cfg.deconv_detect_threshold else
+                           "excess" if excess[off].max(initial=-np.inf) >= cfg.deconv_excess_threshold else "none")
     if info["detected_by"] == "none":
-        info["note"] = "neither test found structure: centre pixel only"
+        info["note"] = "no test found structure: centre pixel only"
         return detected, info
-    cand = info["candidates"] | (noise >= cfg.deconv_threshold)
+    kept = noise >= cfg.deconv_threshold
+    # The recovery assumes a correlation shorter than its radius.  A longer one (the significance
+    # test reaches beyond it: long lines, stripes) is smeared into a pedestal; keep only what
+    # stands out of it.
+    info["long"] = bool((info["candidates"] & (chebyshev(noise.shape[0]) > _DECONV_RADIUS)).any())
+    if info["long"]:
+        kept &= excess >= cfg.deconv_excess_threshold
+    cand = info["candidates"] | kept
     info["candidates"] = cand
     return finish(cand.copy(), noise, cfg), info
 
@@ -233,11 +271,14 @@ def extract_structural_mask(
     information) or when the signal itself is correlated.
 
     Deconvolved method (``method="deconvolved"``, the default): structure is *detected* when the
-    significance method above finds any lag or a recovered correlation (``noise_acf``) reaches
-    ``deconv_detect_threshold``; otherwise the mask is the centre alone.  Otherwise the *extent* is
-    read from ``noise_acf``: every lag whose recovered correlation is ``>= deconv_threshold`` is
-    added to the detector's candidates.  The high-pass keeps the direction of a correlation but
-    shrinks a two-dimensional one; the recovered ACF restores its size.
+    significance method above finds any lag, a recovered correlation (``noise_acf``) reaches
+    ``deconv_detect_threshold``, or one stands ``deconv_excess_threshold`` above the recovered ACF's
+    smooth pedestal (:func:`smooth_pedestal`: what image content leaks into it); otherwise the mask
+    is the centre alone.  Otherwise the *extent* is read from ``noise_acf``: every lag whose
+    recovered correlation is ``>= deconv_threshold`` is added to the detector's candidates (when
+    the candidates reach beyond the recovery radius, 8, only those that also stand out of the
+    pedestal).  The high-pass keeps the direction of a correlation but shrinks a two-dimensional
+    one; the recovered ACF restores its size.
 
     All methods then symmetrise under 180 degree rotation (OR), set the centre, keep the
     8-connected component holding the centre (``keep_center_component_only``) and cap the count

@@ -38,6 +38,7 @@ EXTRACTOR_DEFAULTS: dict[str, Any] = {
     "flat_fraction": 0.1,
     "deconv_threshold": 0.08,
     "deconv_detect_threshold": 0.35,
+    "deconv_excess_threshold": 0.08,
     # Preprocessing of the images before the patches are drawn (pipeline; see highpass()):
     "highpass_sigma": 1.0,  # subtract a Gaussian blur of this sigma (pixels); 0 = off
     # Which patches the pipeline measures (not used by the extraction itself):
@@ -61,6 +62,7 @@ _EXTRACTOR_RANGES = {
     "flat_fraction": (0.0, 1.0, False, True),
     "deconv_threshold": (0.0, 1.0, False, False),
     "deconv_detect_threshold": (0.0, 1.0, False, True),
+    "deconv_excess_threshold": (0.0, 1.0, False, True),
 }
 
 

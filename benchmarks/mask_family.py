@@ -30,7 +30,8 @@ from autostructn2v_jax import config, extraction, preprocess  # noqa: E402
 
 VARIANTS = {
     "deconvolved": {},
-    "deconvolved-sigdetect": {"method": "deconvolved", "deconv_detect_threshold": 1.0},
+    "deconvolved-sigdetect": {"method": "deconvolved", "deconv_detect_threshold": 1.0,
+                              "deconv_excess_threshold": 1.0},
     "significance": {"method": "significance"},
     "ring": {"method": "ring"},
 }

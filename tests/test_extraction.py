@@ -283,6 +283,7 @@ def test_default_config_keys():
         "keep_center_component_only", "max_true_pixels", "z_threshold", "min_correlation",
         "num_pixels", "num_patches", "patch_size", "use_background", "highpass_sigma",
         "max_center_size", "flat_fraction", "deconv_threshold", "deconv_detect_threshold",
+        "deconv_excess_threshold",
     }
     assert cfg.method == "deconvolved" and cfg.highpass_sigma == 1.0  # measured best
     assert cfg.center_size == 11 and cfg.max_center_size == 31 and cfg.max_true_pixels == 121
