@@ -344,7 +344,7 @@ DESCRIPTIONS = {
     "mask_file_path": "a .npy structural mask (2D, odd sides, centre True) for mask_source=file",
     "method": "deconvolved (significance test as detector, extent from the noise ACF recovered from the flattest tiles), significance (lags significantly above white noise after the high-pass) or ring (ring-by-ring thresholds)",
     "max_center_size": "the crop grows (by 4) up to this side while the mask reaches its edge; a mask still at the edge is reported as truncated",
-    "flat_fraction": "deconvolved: the 32-pixel tiles whose coarse variance is at most 1.5x this quantile are the flat ones whose autocorrelation is inverted",
+    "flat_fraction": "deconvolved: the 32-pixel tiles whose coarse variance is at most 2x this quantile are the flat ones whose autocorrelation is inverted",
     "deconv_threshold": "deconvolved: smallest recovered noise correlation kept in the mask",
     "deconv_detect_threshold": "deconvolved: a recovered correlation this high counts as structure even when the significance test finds none (1.0 here and in deconv_excess_threshold: only the significance test detects)",
     "deconv_excess_threshold": "deconvolved: a recovered correlation this far above the recovered ACF's smooth pedestal (image content) counts as structure; beyond the recovery radius lags must also stand out this far",

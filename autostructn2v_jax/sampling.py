@@ -232,8 +232,9 @@ def augment(key: jax.Array, *arrays: jax.Array, enabled: jax.Array | bool = True
 
     Each array is ``(H, W)`` or ``(H, W, ...)`` with ``H == W`` (any dtype, e.g. bool masks).
     Jittable and vmappable (see :func:`augment_batch`). Returns a tuple of the transformed arrays.
-    ``enabled`` (may be traced): ``False`` applies the identity, so one compiled function serves
-    augmented training batches and the never-augmented validation set.
+    ``enabled`` (may be traced): ``False`` applies the identity, so one compiled function can serve
+    augmented and plain batches.  Training does not use it: ``train.make_batch`` decides at trace
+    time.
     """
     if not arrays:
         return ()

@@ -542,7 +542,7 @@ def test_augment_single_and_batch():
         assert len(idx) == 1
         kinds.add(idx[0])
     assert len(kinds) > 1  # per-sample transforms differ
-    # a traced `enabled=False` is the identity (the validation set draws through the same function)
+    # a traced `enabled=False` is the identity
     fn = jax.jit(lambda k, b, on: sampling.augment_batch(k, b, enabled=on))
     (same,) = fn(jax.random.PRNGKey(5), batch, jnp.asarray(False))
     np.testing.assert_array_equal(np.asarray(same), np.asarray(batch))
