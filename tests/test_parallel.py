@@ -24,7 +24,7 @@ SHARDED_STEP = textwrap.dedent(
     from autostructn2v_jax import config, masking, models, parallel, preprocess, sampling, train
     assert jax.device_count() == 4, jax.devices()
     cfg = config.base_config().stage1
-    cfg.patch_size, cfg.batch_size, cfg.features, cfg.steps_per_dispatch = 32, 8, 8, 2
+    cfg.patch_size, cfg.batch_size, cfg.features, cfg.steps_per_dispatch = 32, 8, 8, 1
     spec = train.StageSpec.from_config("stage1", cfg, masking.stage1_kernel(1))
     rng = np.random.default_rng(0)
     planes = [preprocess.normalize(rng.random((64, 64)).astype(np.float32))[0] for _ in range(2)]
@@ -37,10 +37,12 @@ SHARDED_STEP = textwrap.dedent(
         bank = jax.device_put(sampling.make_bank(planes, 32), rep)
         state = jax.device_put(train.init_state(spec, 0, 1e-3), rep)
         fn = train.make_train_fn(spec, apply_fn, parallel.batch_sharding(mesh))
-        state, losses = fn(state, bank, jax.random.key(0))
-        out[name] = dict(devices=len(mesh.devices.flat), losses=np.asarray(losses).tolist(),
+        state, first = fn(state, bank, jax.random.key(0))
+        out[name] = dict(devices=len(mesh.devices.flat),
                          params=[np.asarray(x).ravel()[:50].tolist() for x in jax.tree.leaves(state.params)],
                          stats=[np.asarray(x).ravel().tolist() for x in jax.tree.leaves(state.batch_stats)])
+        state, second = fn(state, bank, jax.random.key(1))
+        out[name]["losses"] = np.concatenate([np.asarray(first), np.asarray(second)]).tolist()
     print("RESULT" + json.dumps(out))
     """
 )
@@ -65,13 +67,18 @@ def test_sharded_step_equals_single_device_step():
     assert res["single"]["devices"] == 1 and res["sharded"]["devices"] == 4
     import numpy as np
 
-    np.testing.assert_allclose(res["sharded"]["losses"], res["single"]["losses"], rtol=1e-4, atol=1e-6)
+    # The first step's loss agrees to float precision; the second one's a little less (below).
+    np.testing.assert_allclose(res["sharded"]["losses"][0], res["single"]["losses"][0], rtol=1e-5)
+    np.testing.assert_allclose(res["sharded"]["losses"], res["single"]["losses"], rtol=1e-3)
     diffs = np.concatenate([np.abs(np.subtract(a, b)) for a, b in
                             zip(res["sharded"]["params"], res["single"]["params"])])
-    # Adam moves every parameter by about lr per step whatever the gradient's size, so a gradient
-    # that is ~0 up to float rounding (reduced in a different order over 4 devices) can move
-    # either way: the bound is 2 steps x lr. Nearly all parameters agree to float precision.
-    assert diffs.max() <= 2 * 2 * 1e-3
+    # Adam's first step moves every parameter by about lr whatever the gradient's size, so a
+    # gradient that is ~0 up to float rounding (reduced in a different order over 4 devices) can
+    # move either way: the bound is 2 x lr. Nearly all parameters agree to float precision. (Those
+    # few flipped signs change the second step's gradients by more than rounding, and Adam's
+    # second step, a ratio of them, by up to lr: measured on an Intel AVX-512 CPU, half the
+    # parameters then differ by more than 1e-5. So parameters are compared after one step.)
+    assert diffs.max() <= 2 * 1e-3 + 1e-6
     assert np.mean(diffs < 1e-5) > 0.9, np.mean(diffs < 1e-5)
     # BatchNorm statistics are reduced over the global batch, not per device.
     for a, b in zip(res["sharded"]["stats"], res["single"]["stats"]):
