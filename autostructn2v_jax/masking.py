@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from autostructn2v_jax import randbits
 from autostructn2v_jax.errors import ConfigError
 
 Strategy = Union[int, str]
@@ -218,20 +219,32 @@ def tile_mask(
     one sort over the cells and two scatters, cheap enough for every patch at every step.
     """
     lay = mask_layout(kernel, patch_shape, mask_percentage)
+    return _tile_mask_from_bits(randbits.draw(key, (_tile_mask_bits(lay),)), lay, patch_shape)
+
+
+def _tile_mask_bits(lay: MaskLayout) -> int:
+    """Random numbers one :func:`tile_mask` draw uses: phases, cell scores, in-cell offsets."""
+    my, mx = lay.grid
+    return 1 + my + my * mx + 2 * lay.n
+
+
+def _tile_mask_from_bits(bits: jax.Array, lay: MaskLayout, patch_shape: tuple[int, int]):
+    """:func:`tile_mask` from ``_tile_mask_bits(lay)`` uint32 random bits (one random call)."""
     h, w = (int(s) for s in patch_shape)
     (kh, kw), (cy, cx), (py, px), (my, mx), n = lay.box, lay.cell, lay.phases, lay.grid, lay.n
-    k_py, k_px, k_cells, k_oy, k_ox = jax.random.split(key, 5)
-    phase_y = jax.random.randint(k_py, (), 0, py)
-    phase_x = jax.random.randint(k_px, (my,), 0, px)  # one phase per row of cells
+    cuts = np.cumsum([1, my, my * mx, n])
+    b_py, b_px, b_cells, b_oy, b_ox = jnp.split(bits, cuts)
+    phase_y = randbits.randint(b_py[0], 0, py)
+    phase_x = randbits.randint(b_px, 0, px)  # one phase per row of cells
     sy, hiy, oky = _axis_cells(jnp, phase_y, h, kh, cy, my)  # (my,)
     sx, hix, okx = _axis_cells(jnp, phase_x, w, kw, cx, mx)  # (my, mx)
     usable = (oky[:, None] & okx).ravel()
     n_pos = ((hiy - sy + 1)[:, None] * (hix - sx + 1)).ravel()
-    score = jnp.log(jnp.maximum(n_pos, 1)) + jax.random.gumbel(k_cells, (my * mx,))
+    score = jnp.log(jnp.maximum(n_pos, 1)) + randbits.gumbel(b_cells)
     pick = jnp.argsort(jnp.where(usable, -score, jnp.inf))[:n]  # n <= usable cells
     ci, cj = pick // mx, pick % mx
-    y0 = jax.random.randint(k_oy, (n,), sy[ci], hiy[ci] + 1)
-    x0 = jax.random.randint(k_ox, (n,), sx[ci, cj], hix[ci, cj] + 1)
+    y0 = randbits.randint(b_oy, sy[ci], hiy[ci] + 1)
+    x0 = randbits.randint(b_ox, sx[ci, cj], hix[ci, cj] + 1)
     dy = jnp.asarray(lay.offsets[:, 0])
     dx = jnp.asarray(lay.offsets[:, 1])
     input_mask = jnp.zeros((h, w), bool).at[y0[:, None] + dy, x0[:, None] + dx].set(True)
@@ -281,13 +294,14 @@ def _median3(patch: jax.Array, unmasked: jax.Array) -> tuple[jax.Array, jax.Arra
     return both / 2, count
 
 
-def _random_unmasked(key: jax.Array, patch: jax.Array, unmasked: jax.Array) -> jax.Array:
-    """Per pixel, an independent uniformly random unmasked value of the patch (0 if none)."""
+def _random_unmasked(bits: jax.Array, patch: jax.Array, unmasked: jax.Array) -> jax.Array:
+    """Per pixel, an independent uniformly random unmasked value of the patch (0 if none), from
+    ``(H, W)`` uint32 random bits."""
     h, w = patch.shape
     flat = unmasked.ravel()
     idx = jnp.nonzero(flat, size=h * w, fill_value=0)[0]
     count = jnp.sum(flat, dtype=jnp.int32)
-    r = jax.random.randint(key, (h, w), 0, jnp.maximum(count, 1))
+    r = randbits.randint(bits, 0, jnp.maximum(count, 1))
     vals = patch.ravel()[idx[r]]
     return jnp.where(count > 0, vals, jnp.zeros_like(vals))
 
@@ -306,12 +320,19 @@ def replace_masked(
     depend on any masked pixel's value, so the network cannot see what it has to predict.
     ``strategy`` is static.
     """
+    bits = None if strategy_id(strategy) == 1 else randbits.draw(key, patch.shape)
+    return _replace_from_bits(bits, patch, input_mask, strategy)
+
+
+def _replace_from_bits(bits: jax.Array | None, patch: jax.Array, input_mask: jax.Array,
+                       strategy: Strategy) -> jax.Array:
+    """:func:`replace_masked` from ``patch.shape`` uint32 random bits (``None`` for ``zero``)."""
     sid = strategy_id(strategy)
     mask = jnp.asarray(input_mask, bool)
     if sid == 1:
         return jnp.where(mask, jnp.zeros_like(patch), patch)
     unmasked = ~mask
-    rand = _random_unmasked(key, patch, unmasked)
+    rand = _random_unmasked(bits, patch, unmasked)
     if sid == 2:
         return jnp.where(mask, rand, patch)
     if sid == 3:
@@ -346,11 +367,15 @@ def make_blind_spot_batch(
     Returns ``(inputs, prediction_masks, input_masks)``; the loss target is the original batch.
     """
     b, h, w = patches.shape
-    strategy_id(strategy)
+    sid = strategy_id(strategy)
+    lay = mask_layout(kernel, (h, w), mask_percentage)
+    n_mask = _tile_mask_bits(lay)
+    # All the batch's random numbers in one call (see randbits: each call costs compile time).
+    bits = randbits.draw(key, (b, n_mask + (0 if sid == 1 else h * w)))
 
-    def one(k: jax.Array, patch: jax.Array):
-        k_mask, k_repl = jax.random.split(k)
-        im, pm = tile_mask(k_mask, kernel, (h, w), mask_percentage)
-        return replace_masked(k_repl, patch, im, strategy), pm, im
+    def one(bits: jax.Array, patch: jax.Array):
+        im, pm = _tile_mask_from_bits(bits[:n_mask], lay, (h, w))
+        repl = None if sid == 1 else bits[n_mask:].reshape(h, w)
+        return _replace_from_bits(repl, patch, im, strategy), pm, im
 
-    return jax.vmap(one)(jax.random.split(key, b), patches)
+    return jax.vmap(one)(bits, patches)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
+from . import randbits
 from .errors import ConfigError
 
 __all__ = [
@@ -176,25 +177,23 @@ def sample_patches(key: jax.Array, bank: ImageBank, patch_size: int, batch_size:
     padding is never sampled.
     """
     p, b = int(patch_size), int(batch_size)
-    k_rows, k_pos = jax.random.split(key)
+    bits = randbits.draw(key, (b, 3))  # row, y, x per patch: one random call (randbits)
     corners = jnp.asarray(bank.corners)
-    rows = jax.random.choice(k_rows, corners.shape[0], shape=(b,), replace=True,
-                             p=jnp.asarray(bank.weights))
+    rows = randbits.categorical(bits[:, 0], jnp.asarray(bank.weights))
     images = jnp.asarray(bank.images)
     shapes = jnp.asarray(bank.shapes)
 
-    def one(row: jax.Array, k: jax.Array) -> jax.Array:
+    def one(row: jax.Array, bits: jax.Array) -> jax.Array:
         c = corners[row]
         i = c[0]
         hw = shapes[i]
-        ky, kx = jax.random.split(k)
-        ry = jax.random.randint(ky, (), 0, hw[0] - p + 1)
-        rx = jax.random.randint(kx, (), 0, hw[1] - p + 1)
+        ry = randbits.randint(bits[1], 0, hw[0] - p + 1)
+        rx = randbits.randint(bits[2], 0, hw[1] - p + 1)
         y = jnp.where(c[1] < 0, ry, c[1])
         x = jnp.where(c[2] < 0, rx, c[2])
         return jax.lax.dynamic_slice(images, (i, y, x), (1, p, p))[0]
 
-    return jax.vmap(one)(rows, jax.random.split(k_pos, b))
+    return jax.vmap(one)(rows, bits)
 
 
 def _dihedral(t: int, axes: tuple[int, int]) -> tuple[Callable, Callable]:
@@ -241,7 +240,11 @@ def augment(key: jax.Array, *arrays: jax.Array, enabled: jax.Array | bool = True
     for a in arrays:
         if a.ndim < 2 or a.shape[0] != a.shape[1]:
             raise ValueError(f"augment: arrays must be square (H, W, ...), got shape {a.shape}")
-    t = jnp.where(enabled, jax.random.randint(key, (), 0, 8), 0)
+    return _transform(jnp.where(enabled, randbits.randint(randbits.draw(key, ()), 0, 8), 0), arrays)
+
+
+def _transform(t: jax.Array, arrays: tuple) -> tuple:
+    """Dihedral transform number ``t`` (traced int) applied to every array."""
     branches = [lambda arrs, f=f: tuple(f(a) for a in arrs) for f, _ in _D4]
     return tuple(jax.lax.switch(t, branches, tuple(jnp.asarray(a) for a in arrays)))
 
@@ -250,5 +253,9 @@ def augment_batch(key: jax.Array, *arrays: jax.Array, enabled: jax.Array | bool 
     """:func:`augment` over the leading (batch) axis with independent per-sample transforms."""
     if not arrays:
         return ()
-    keys = jax.random.split(key, arrays[0].shape[0])
-    return jax.vmap(lambda k, *a: augment(k, *a, enabled=enabled))(keys, *arrays)
+    for a in arrays:
+        if a.ndim < 3 or a.shape[1] != a.shape[2] or a.shape[0] != arrays[0].shape[0]:
+            raise ValueError(f"augment_batch: arrays must be (B, H, W, ...) with H == W and one B, "
+                             f"got shape {a.shape}")
+    t = randbits.randint(randbits.draw(key, (arrays[0].shape[0],)), 0, 8)  # one random call
+    return jax.vmap(_transform)(jnp.where(enabled, t, 0), tuple(arrays))

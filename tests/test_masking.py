@@ -388,7 +388,7 @@ def test_masked_mse_counts_pixels_whose_replacement_equals_original():
 
 
 def test_make_blind_spot_batch_jit():
-    patches = jax.random.uniform(jax.random.key(1), (4, 20, 20))
+    patches = jnp.asarray(np.random.default_rng(1).random((4, 20, 20)), jnp.float32)
     f = jax.jit(lambda k, p: make_blind_spot_batch(k, p, LINE5, 10.0, 2))
     inputs, pm, im = f(jax.random.key(2), patches)
     assert inputs.shape == (4, 20, 20) and inputs.dtype == jnp.float32

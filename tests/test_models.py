@@ -44,7 +44,8 @@ def variables():
 
 
 def _rand(seed, shape):
-    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+    # numpy, not jax.random: each jax.random shape would be one more (slow) compile
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 def test_output_shape_dtype_nhwc(variables):
