@@ -91,13 +91,11 @@ def history(run_dir: str | os.PathLike) -> dict:
 def tiled_mask(mask: np.ndarray, patch_size: int = 96, mask_percentage: float = 10.0,
                seed: int = 0) -> np.ndarray:
     """One random tiling of `mask` over a patch, as drawn for every patch during training."""
-    import jax
-
     from autostructn2v_jax import masking
 
-    input_mask, _ = masking.tile_mask(jax.random.key(seed), np.asarray(mask, bool),
-                                      (patch_size, patch_size), mask_percentage)
-    return np.asarray(input_mask)
+    input_mask, _ = masking.draw_mask(seed, np.asarray(mask, bool), (patch_size, patch_size),
+                                      mask_percentage)
+    return input_mask
 
 
 def write_report(run_dir: str | os.PathLike, clean_dir: str | None = None):

@@ -252,6 +252,16 @@ def _tile_mask_from_bits(bits: jax.Array, lay: MaskLayout, patch_shape: tuple[in
     return input_mask, pred_mask
 
 
+def draw_mask(seed: int, kernel, patch_shape: tuple[int, int], mask_percentage: float
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """One :func:`tile_mask` draw on the host, ``(input_mask, prediction_mask)`` as numpy: for
+    figures and the API. Compiled as one function (run op by op it compiles ~40 small ones)."""
+    shape = tuple(int(s) for s in patch_shape)
+    fn = jax.jit(lambda k: tile_mask(k, kernel, shape, float(mask_percentage)))
+    input_mask, pred_mask = fn(jax.random.key(int(seed)))
+    return np.asarray(input_mask), np.asarray(pred_mask)
+
+
 def strategy_id(strategy: Strategy) -> int:
     """Map a replacement strategy (0/"local_mean", 1/"zero", 2/"random", 3/"median") to its id."""
     if isinstance(strategy, str):

@@ -21,7 +21,6 @@ import pathlib
 import shutil
 from typing import Callable
 
-import jax
 import numpy as np
 
 from autostructn2v_jax import config as config_lib
@@ -149,12 +148,12 @@ def _write_mask_dir(mask_dir: pathlib.Path, mask: np.ndarray, info: dict, cfg) -
         acf = np.asarray(info["acf_crop"], np.float32)
         files.atomic_write(mask_dir / "autocorrelation.npy", lambda f: np.save(f, acf), ".npy")
     maskfile.save_mask(mask_dir / "structural_mask.npy", mask)
-    tiled, _ = masking.tile_mask(jax.random.key(int(cfg.random_seed)), mask,
-                                 (int(s2.patch_size),) * 2, float(s2.mask_percentage))
+    tiled, _ = masking.draw_mask(int(cfg.random_seed), mask, (int(s2.patch_size),) * 2,
+                                 float(s2.mask_percentage))
     try:
         from autostructn2v_jax import report
 
-        report.plot_mask_figure(info, mask, np.asarray(tiled), mask_dir / "mask.png")
+        report.plot_mask_figure(info, mask, tiled, mask_dir / "mask.png")
     except Exception as err:  # a figure must never cost a run
         log.warning("could not draw mask figure: %s", err)
     write_text_atomic(mask_dir / "extraction.json", json.dumps(_jsonable(info), indent=2))

@@ -128,6 +128,7 @@ def estimate_noise(noisy, prediction=None, *, model: str = "gaussian", bins: int
     return NoiseModel(float(a), float(b))
 
 
+@jax.jit
 def _gradient_energy(x: jax.Array) -> jax.Array:
     """Squared Sobel gradient magnitude of a 2-D array (reflect padding): large at edges/texture."""
     p = jnp.pad(x, 1, mode="reflect" if min(x.shape) > 1 else "edge")

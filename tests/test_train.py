@@ -174,8 +174,9 @@ def test_train_step_learns_and_uses_fresh_masks():
     spec = train.StageSpec.from_config("stage1", cfg.stage1, masking.stage1_kernel(1))
     bank = jax.device_put(sampling.make_bank(_planes(), 32))
     k1, k2 = jax.random.key(0), jax.random.key(1)
-    _, _, m1 = train.make_batch(k1, bank, spec, augment=True)
-    _, _, m2 = train.make_batch(k2, bank, spec, augment=True)
+    batch = jax.jit(lambda k, b: train.make_batch(k, b, spec, augment=True))  # one compile
+    _, _, m1 = batch(k1, bank)
+    _, _, m2 = batch(k2, bank)
     m1 = np.asarray(m1)
     assert not np.array_equal(m1, np.asarray(m2))
     assert not all(np.array_equal(m1[0], m1[i]) for i in range(1, m1.shape[0]))  # per patch
