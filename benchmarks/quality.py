@@ -64,9 +64,9 @@ def run_case(case: str, out: pathlib.Path, epochs: int, seed: int = 0, config: s
     # With a time budget (minutes, whole run) the epochs are only a ceiling: the budget stops training.
     budget_keys = {"time_budget_minutes": budget, "num_epochs": 100000, "early_stopping": False} if budget else {}
     cfg = api.load_config(config, input_dir=str(folder / "noisy"), output_dir=str(folder / "run"),
-                          clean_dir=str(folder / "clean"), num_epochs=epochs,
-                          **{"stage1.patches_per_image": 50, "stage2.patches_per_image": 50, **budget_keys,
-                             **overrides})
+                          clean_dir=str(folder / "clean"),
+                          **{"num_epochs": epochs, "stage1.patches_per_image": 50,
+                             "stage2.patches_per_image": 50, **budget_keys, **overrides})
     t0 = time.perf_counter()
     summary = api.run(cfg)
     seconds = time.perf_counter() - t0
