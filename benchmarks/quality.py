@@ -1,14 +1,21 @@
-"""Quality benchmark on images with known ground truth.
+"""Quality benchmark on images with known ground truth: our pipeline beside NL-means and BM3D.
 
     python benchmarks/quality.py [--epochs 8] [--out bench_quality]
     python benchmarks/quality.py --config configs/default.py --budgets 5,15,30   # minutes per run
+    python benchmarks/quality.py --rescore --out bench_quality                    # tables of runs made
 
 Clean images: 128x128 crops ([0, 1]) of scikit-image's bundled camera, coins, moon and brick
-images (4 crops each). Two noise cases: `white` (Gaussian sigma 0.1) and `hcorr` (N(0,1) convolved
-along x with a length-5 box, rescaled to std 0.08, plus independent Gaussian std 0.04). For each
-case the full pipeline runs with `configs/demo.py` (features 16, patch 64, batch 16, 50 patches per
-crop per epoch, `--epochs` epochs); reported: PSNR and SSIM of the noisy input,
-the stage-1 and the final output against the clean images, and the extracted mask.
+images (4 crops each), or 16 synthetic cell images (`synth.clean_image`, 128x128). Cases: `white`
+(Gaussian sigma 0.1) and `hcorr` (N(0,1) convolved along x with a length-5 box, rescaled to std
+0.08, plus independent Gaussian std 0.04) on the photo crops (the same noisy crops as
+`benchmarks/classical.py` and `benchmarks/posterior.py`), and `cells_white` / `cells_hcorr` on the
+cells. For each case the full pipeline runs with `--config` (default `configs/demo.py`; 50 patches
+per image per epoch, `--epochs` epochs, or until a `--budgets` time budget in minutes for the whole
+run is spent); reported: PSNR (data range 1, as for the classical methods) and SSIM of the noisy
+input, the stage-1 and the final output against the clean images, and the mask found.
+With `--classical` (default) each case also gets NL-means (scikit-image, sigma given) and BM3D
+(sigma given; for the `hcorr` cases also given the exact noise spectrum) rows on the same noisy
+images; BM3D runs in the peers venv (`benchmarks/classical.py`) and is skipped without it.
 Needs the `bench` extra (scikit-image).
 """
 
@@ -16,16 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import shutil
+import sys
 import time
 
 import numpy as np
 import tifffile
 
-from autostructn2v_jax import api, synth
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from autostructn2v_jax import api, synth  # noqa: E402
 
 NAMES = ("camera", "coins", "moon", "brick")
+CASES = ("white", "hcorr", "cells_white", "cells_hcorr")
 
 
 def clean_crops(size: int = 128, per_image: int = 4, seed: int = 0) -> list[np.ndarray]:
@@ -49,17 +61,59 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(structural_similarity(a, b, data_range=float(a.max() - a.min()) or 1.0))
 
 
-def run_case(case: str, out: pathlib.Path, epochs: int, seed: int = 0, config: str = "configs/demo.py",
-             budget: float = 0.0, **overrides) -> dict:
-    rng = np.random.default_rng(seed + (0 if case == "white" else 1))
-    folder = out / case
+def clean_images(case: str, seed: int = 0) -> list[np.ndarray]:
+    """The clean set of a case: photo crops, or 16 synthetic cell images for `cells_*`."""
+    if case.startswith("cells_"):
+        rng = np.random.default_rng(seed + 100)
+        return [synth.clean_image(rng, 128) for _ in range(16)]
+    return clean_crops(seed=seed)
+
+
+def noise_kind(case: str) -> str:
+    return case.split("_", 1)[1] if case.startswith("cells_") else case
+
+
+def noise_rng(case: str, seed: int = 0) -> np.random.Generator:
+    # photo cases: the same streams as classical.noisy_crops and benchmarks/posterior.py
+    return np.random.default_rng(seed + CASES.index(case) if case in CASES[2:] else
+                                 seed + (0 if case == "white" else 1))
+
+
+def write_case(case: str, folder: pathlib.Path, seed: int = 0) -> list[np.ndarray]:
+    if case not in CASES:
+        raise SystemExit(f"unknown case {case!r}; choose from {', '.join(CASES)}")
     shutil.rmtree(folder, ignore_errors=True)
     for sub in ("noisy", "clean"):
         (folder / sub).mkdir(parents=True)
-    clean = clean_crops(seed=seed)
+    rng = noise_rng(case, seed)
+    clean = clean_images(case, seed)
     for i, img in enumerate(clean):
         tifffile.imwrite(folder / "clean" / f"{i:02d}.tif", img)
-        tifffile.imwrite(folder / "noisy" / f"{i:02d}.tif", synth.add_noise(rng, img, case))
+        tifffile.imwrite(folder / "noisy" / f"{i:02d}.tif", synth.add_noise(rng, img, noise_kind(case)))
+    return clean
+
+
+def score(folder: pathlib.Path) -> dict:
+    """PSNR (data range 1) / SSIM of the noisy input, stage 1 and the final output of a run folder."""
+    clean = [tifffile.imread(p) for p in sorted((folder / "clean").glob("*.tif"))]
+    names = [p.name for p in sorted((folder / "clean").glob("*.tif"))]
+    metrics = {}
+    for label, sub in (("noisy", folder / "noisy"), ("stage1", folder / "run/stage1/denoised"),
+                       ("final", folder / "run/stage2/denoised")):
+        if not sub.is_dir():
+            continue
+        imgs = [tifffile.imread(sub / n) for n in names]
+        metrics[label] = dict(psnr=float(np.mean([synth.psnr(c, x, data_range=1.0) for c, x in zip(clean, imgs)])),
+                              ssim=float(np.mean([ssim(c, x) for c, x in zip(clean, imgs)])))
+    if "final" not in metrics:
+        metrics["final"] = metrics["stage1"]
+    return metrics
+
+
+def run_case(case: str, out: pathlib.Path, epochs: int, seed: int = 0, config: str = "configs/demo.py",
+             budget: float = 0.0, **overrides) -> dict:
+    folder = out / (f"{case}_{budget:g}min" if budget else case)
+    write_case(case, folder, seed)
     # configs/demo.py with the same patches per epoch as the demo (4 images x 200): 16 crops x 50
     # With a time budget (minutes, whole run) the epochs are only a ceiling: the budget stops training.
     budget_keys = {"time_budget_minutes": budget, "num_epochs": 100000, "early_stopping": False} if budget else {}
@@ -70,40 +124,80 @@ def run_case(case: str, out: pathlib.Path, epochs: int, seed: int = 0, config: s
     t0 = time.perf_counter()
     summary = api.run(cfg)
     seconds = time.perf_counter() - t0
-    metrics = {}
-    for label, sub in (("noisy", folder / "noisy"), ("stage1", folder / "run/stage1/denoised"),
-                       ("final", folder / "run/stage2/denoised")):
-        imgs = [tifffile.imread(sub / f"{i:02d}.tif") for i in range(len(clean))]
-        metrics[label] = dict(psnr=float(np.mean([synth.psnr(c, x) for c, x in zip(clean, imgs)])),
-                              ssim=float(np.mean([ssim(c, x) for c, x in zip(clean, imgs)])))
     mask = np.load(folder / "run/mask/structural_mask.npy")
-    return dict(case=case, seconds=seconds, budget=budget, config=config, mask=summary["stages"]["stage2"]["mask"],
-                mask_array=mask.astype(int).tolist(), **metrics)
+    row = dict(case=case, seconds=seconds, budget=budget, config=config, folder=str(folder),
+               mask=summary["stages"]["stage2"]["mask"], mask_array=mask.astype(int).tolist(), **score(folder))
+    (folder / "row.json").write_text(json.dumps(row, indent=2))
+    return row
+
+
+def classical_rows(case: str, bm3d_python: str, seed: int = 0) -> list[dict]:
+    """NL-means (sigma given) and BM3D rows on the case's noisy images (`benchmarks/classical.py`)."""
+    import classical
+
+    rng = noise_rng(case, seed)
+    clean = np.stack(clean_images(case, seed))
+    noisy = np.stack([synth.add_noise(rng, c, noise_kind(case)) for c in clean])
+    sigma = classical.SIGMA[noise_kind(case)]
+    out, seconds, _ = classical.nl_means(noisy, sigma)
+    rows = [dict(case=case, method="NL-means, sigma given", psnr=classical.psnr_mean(clean, out), seconds=seconds)]
+    for r in classical.bm3d_rows(noise_kind(case), clean, noisy, bm3d_python):
+        rows.append(dict(r, case=case))
+    return rows
+
+
+def print_table(rows: list[dict], classical: list[dict]) -> None:
+    print("| case | method | budget | PSNR (dB, range 1) / SSIM | stage 1 | mask | time |")
+    print("|---|---|---|---|---|---|---|")
+    for case in dict.fromkeys([r["case"] for r in rows] + [r["case"] for r in classical]):
+        mine = [r for r in rows if r["case"] == case]
+        if mine:
+            n = mine[0]["noisy"]
+            print(f"| {case} | noisy input | - | {n['psnr']:.2f} / {n['ssim']:.3f} | - | - | - |")
+        for r in mine:
+            budget = f"{r['budget']:g} min" if r["budget"] else "epochs"
+            f, s1 = r["final"], r["stage1"]
+            print(f"| {case} | ours ({r['config']}) | {budget} | **{f['psnr']:.2f}** / {f['ssim']:.3f} | "
+                  f"{s1['psnr']:.2f} / {s1['ssim']:.3f} | {r['mask']} | {r['seconds']:.0f} s |")
+        for r in (r for r in classical if r["case"] == case):
+            print(f"| {case} | {r['method']} | - | {r['psnr']:.2f} | - | - | {r['seconds']:.1f} s |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--out", default="bench_quality")
-    parser.add_argument("--cases", default="white,hcorr")
+    parser.add_argument("--cases", default="white,hcorr", help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--config", default="configs/demo.py")
     parser.add_argument("--budgets", default="", help="comma-separated training budgets in minutes (whole run)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override, e.g. --set stage2.extractor.method=significance")
+    parser.add_argument("--no-classical", dest="classical", action="store_false",
+                        help="leave out the NL-means and BM3D rows")
+    parser.add_argument("--bm3d-python", default=str(pathlib.Path(__file__).resolve().parent / ".peers-venv/bin/python"))
+    parser.add_argument("--rescore", action="store_true",
+                        help="no training: score the run folders under --out again (row.json files)")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
-    overrides = dict(item.split("=", 1) for item in args.set)
-    budgets = [float(b) for b in args.budgets.split(",") if b] or [0.0]
-    rows = [run_case(case, out, args.epochs, config=args.config, budget=b, **overrides)
-            for b in budgets for case in args.cases.split(",")]
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
-    print(f"config {args.config}, overrides {overrides or '-'}")
-    print("| case | budget | noisy PSNR / SSIM | stage 1 | final | mask | time |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        cells = [f"{r[k]['psnr']:.2f} dB / {r[k]['ssim']:.3f}" for k in ("noisy", "stage1", "final")]
-        budget = f"{r['budget']:g} min" if r["budget"] else "epochs"
-        print(f"| {r['case']} | {budget} | " + " | ".join(cells) + f" | {r['mask']} | {r['seconds']:.0f} s |")
+    cases = [c for c in args.cases.split(",") if c]
+    if args.rescore:
+        rows = []
+        for path in sorted(out.glob("*/row.json")):
+            row = json.loads(path.read_text())
+            if row["case"] in cases:
+                rows.append(dict(row, **score(pathlib.Path(row["folder"]))))
+    else:
+        overrides = dict(item.split("=", 1) for item in args.set)
+        budgets = [float(b) for b in args.budgets.split(",") if b] or [0.0]
+        rows = [run_case(case, out, args.epochs, config=args.config, budget=b, **overrides)
+                for b in budgets for case in cases]
+        print(f"overrides {overrides or '-'}")
+    rows.sort(key=lambda r: (cases.index(r["case"]), r["budget"]))
+    classical = [r for case in cases for r in classical_rows(case, args.bm3d_python)] if args.classical else []
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(dict(ours=rows, classical=classical), indent=2))
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    print_table(rows, classical)
 
 
 if __name__ == "__main__":
