@@ -3,7 +3,7 @@
 Why: every ``jax.random`` call inlines its own counter-based hash (threefry), and XLA:CPU spends
 0.15-0.3 s compiling each one. The training batch used about twenty (splits, ``randint`` with two
 draws each, ``gumbel``, ``choice``): about 2 s of every train-step compile, more than a small
-U-Net's gradient (docs/benchmarks.md, "Compile time"). The data path now draws each block of bits
+U-Net's gradient (docs/benchmarks.md, "Test suite time"). The data path now draws each block of bits
 with a single ``jax.random.bits`` call and turns slices of it into the numbers it needs here.
 
 Resolution: 24 bits per number (``uniform`` is a float32 in ``[0, 1)`` on a grid of ``2**-24``),

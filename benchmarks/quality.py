@@ -73,23 +73,24 @@ def noise_kind(case: str) -> str:
     return case.split("_", 1)[1] if case.startswith("cells_") else case
 
 
-def noise_rng(case: str, seed: int = 0) -> np.random.Generator:
-    # photo cases: the same streams as classical.noisy_crops and benchmarks/posterior.py
-    return np.random.default_rng(seed + CASES.index(case) if case in CASES[2:] else
-                                 seed + (0 if case == "white" else 1))
+def noisy_images(case: str, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(clean, noisy) of a case; the photo cases draw the same noise as classical.noisy_crops and
+    benchmarks/posterior.py (stream 0 for white, 1 for hcorr)."""
+    if case not in CASES:
+        raise SystemExit(f"unknown case {case!r}; choose from {', '.join(CASES)}")
+    rng = np.random.default_rng(seed + {"white": 0, "hcorr": 1, "cells_white": 2, "cells_hcorr": 3}[case])
+    clean = clean_images(case, seed)
+    return clean, [synth.add_noise(rng, img, noise_kind(case)) for img in clean]
 
 
 def write_case(case: str, folder: pathlib.Path, seed: int = 0) -> list[np.ndarray]:
-    if case not in CASES:
-        raise SystemExit(f"unknown case {case!r}; choose from {', '.join(CASES)}")
+    clean, noisy = noisy_images(case, seed)
     shutil.rmtree(folder, ignore_errors=True)
     for sub in ("noisy", "clean"):
         (folder / sub).mkdir(parents=True)
-    rng = noise_rng(case, seed)
-    clean = clean_images(case, seed)
-    for i, img in enumerate(clean):
+    for i, (img, z) in enumerate(zip(clean, noisy)):
         tifffile.imwrite(folder / "clean" / f"{i:02d}.tif", img)
-        tifffile.imwrite(folder / "noisy" / f"{i:02d}.tif", synth.add_noise(rng, img, noise_kind(case)))
+        tifffile.imwrite(folder / "noisy" / f"{i:02d}.tif", z)
     return clean
 
 
@@ -135,9 +136,7 @@ def classical_rows(case: str, bm3d_python: str, seed: int = 0) -> list[dict]:
     """NL-means (sigma given) and BM3D rows on the case's noisy images (`benchmarks/classical.py`)."""
     import classical
 
-    rng = noise_rng(case, seed)
-    clean = np.stack(clean_images(case, seed))
-    noisy = np.stack([synth.add_noise(rng, c, noise_kind(case)) for c in clean])
+    clean, noisy = (np.stack(a) for a in noisy_images(case, seed))
     sigma = classical.SIGMA[noise_kind(case)]
     out, seconds, _ = classical.nl_means(noisy, sigma)
     rows = [dict(case=case, method="NL-means, sigma given", psnr=classical.psnr_mean(clean, out), seconds=seconds)]
