@@ -78,7 +78,7 @@ def noisy_images(case: str, seed: int = 0) -> tuple[list[np.ndarray], list[np.nd
     benchmarks/posterior.py (stream 0 for white, 1 for hcorr)."""
     if case not in CASES:
         raise SystemExit(f"unknown case {case!r}; choose from {', '.join(CASES)}")
-    rng = np.random.default_rng(seed + {"white": 0, "hcorr": 1, "cells_white": 2, "cells_hcorr": 3}[case])
+    rng = np.random.default_rng(seed + CASES.index(case))
     clean = clean_images(case, seed)
     return clean, [synth.add_noise(rng, img, noise_kind(case)) for img in clean]
 
