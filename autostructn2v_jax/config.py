@@ -25,6 +25,7 @@ from autostructn2v_jax.extractor_config import (  # noqa: F401  (re-exported)
 FORMAT_VERSION = 2  # 2: one checkpoint per epoch holding state, best variables and history
 MASK_SOURCES = ("stage1", "stage1_residual", "file", "extractor")
 POSTERIOR_MODES = ("off", "gaussian", "poisson_gaussian")  # "off" + posterior.NOISE_MODELS
+WARM_STARTS = ("auto", "on", "off")  # stage 2 from stage 1's variables: when possible, always, never
 
 
 def _stage(**overrides: Any) -> ml_collections.ConfigDict:
@@ -97,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
         select_background=False,
         mask_source="extractor",
         mask_file_path="",
+        warm_start="auto",
     )
     cfg.stage2.extractor = extractor_config()
     return cfg
@@ -271,6 +273,14 @@ def validate_config(cfg: ml_collections.ConfigDict, *, need_io: bool = True) -> 
                    "is required when stage2.mask_source='file'")
         ext = cfg.stage2.extractor
         validate_extractor_config(ext, prefix="stage2.extractor")
+        warm = cfg.stage2.get("warm_start", "off")
+        _check(warm in WARM_STARTS, "stage2.warm_start", f"must be one of {WARM_STARTS}, got {warm!r}")
+        if warm == "on":
+            _check(cfg.run_stage1, "stage2.warm_start", "'on' needs run_stage1=true (or use 'auto'/'off')")
+            arch = ("features", "num_layers", "pool", "top_skip")
+            differ = [k for k in arch if cfg.stage1[k] != cfg.stage2[k]]
+            _check(not differ, "stage2.warm_start",
+                   f"'on' needs the same network in both stages; stage1 and stage2 differ in {', '.join(differ)}")
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:
@@ -341,6 +351,7 @@ DESCRIPTIONS = {
     "steps_per_dispatch": "train steps per compiled call (lax.scan)",
     "predict_tile_size": "tile side for whole-image prediction (halo added on top)",
     "mask_source": "extractor (autocorrelation of the raw images; the default), stage1 (autocorrelation of stage-1 output), stage1_residual (noisy - stage 1), file",
+    "warm_start": "stage 2 starts from stage 1's best variables instead of a random network: auto (only when stage 2 repeats stage 1's task: stage 1 trained in this run, same features, num_layers, pool and top_skip, and the mask is stage 1's blind spot, e.g. the centre alone for white noise), on (whenever the networks match; an error otherwise) or off",
     "mask_file_path": "a .npy structural mask (2D, odd sides, centre True) for mask_source=file",
     "method": "deconvolved (significance test as detector, extent from the noise ACF recovered from the flattest tiles), significance (lags significantly above white noise after the high-pass) or ring (ring-by-ring thresholds)",
     "max_center_size": "the crop grows (by 4) up to this side while the mask reaches its edge; a mask still at the edge is reported as truncated",

@@ -140,6 +140,37 @@ def find_mask(cfg, ds: Dataset, train_planes_for_acf: list[np.ndarray], run_dir:
     return mask, info
 
 
+def warm_start_variables(cfg, stage1_variables: dict | None, stage1_kernel: np.ndarray | None,
+                         stage2_kernel: np.ndarray) -> dict | None:
+    """Stage 1's best variables for stage 2 to start from (`stage2.warm_start`), or None.
+
+    `auto` warm-starts only when stage 2 repeats stage 1's task: the same network and the same
+    blind spot (a mask of the centre pixel alone, the white-noise case). Stage 2 then continues
+    stage 1's training instead of starting over on half the budget (white photo crops, 5 minutes:
+    +0.5 dB). With a structured mask it trains from scratch: stage 1's network has learned to copy
+    the correlated noise from the neighbours, and unlearning that cost 1.9 dB against a fresh
+    network in the same time (docs/benchmarks.md, "Warm start"). `on` warm-starts whenever the
+    networks match (`config.validate_config` checks it)."""
+    mode = cfg.stage2.get("warm_start", "off")
+    if mode == "off" or stage1_variables is None:
+        return None
+    same_net = all(cfg.stage1[k] == cfg.stage2[k] for k in ("features", "num_layers", "pool", "top_skip"))
+    same_task = stage1_kernel is not None and _offsets(stage1_kernel) == _offsets(stage2_kernel)
+    if mode == "auto" and not (same_net and same_task):
+        why = "its network differs from stage 1's" if not same_net else "its mask differs from stage 1's blind spot"
+        log.info("stage 2 trains from scratch: %s (stage2.warm_start=auto)", why)
+        return None
+    log.info("stage 2 starts from stage 1's best variables (stage2.warm_start=%s)", mode)
+    return stage1_variables
+
+
+def _offsets(kernel: np.ndarray) -> set[tuple[int, int]]:
+    """The hidden pixels of an odd-sided kernel as offsets from its centre (shape-independent)."""
+    k = np.asarray(kernel, bool)
+    ys, xs = np.nonzero(k)
+    return set(zip((ys - k.shape[0] // 2).tolist(), (xs - k.shape[1] // 2).tolist()))
+
+
 def _write_mask_dir(mask_dir: pathlib.Path, mask: np.ndarray, info: dict, cfg) -> None:
     """`mask/`: the mask, the autocorrelation it came from, a figure and `extraction.json`."""
     s2 = cfg.stage2
@@ -242,7 +273,7 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
     summary: dict = {"stages": {}, "outputs": {}}
     outputs: dict[str, list[list[np.ndarray]]] = {}
 
-    stage1_out = None
+    stage1_out = stage1_variables = stage1_kernel = None
     trained_seconds = 0.0  # training time so far: stage 2's budget is what the run has left
     if cfg.run_stage1:
         s1 = cfg.stage1
@@ -252,6 +283,7 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
                                    progress=(lambda r: progress("stage1", r)) if progress else None,
                                    budget_seconds=policy.stage_budget_seconds(cfg, "stage1"))
         trained_seconds += result.seconds
+        stage1_variables, stage1_kernel = result.variables, kernel
         inference.save_model_json(run_dir / "stage1", s1, kernel, "stage1")
         model = inference.StageModel(result.variables, s1, posterior_mean=cfg.posterior_mean)
         outputs["stage1"], stage1_out = denoise_dataset(model, ds, run_dir / "stage1" / "denoised", cfg)
@@ -273,9 +305,11 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
         else:
             acf_planes = ds.flat()
         kernel, info = find_mask(cfg, ds, acf_planes, run_dir, mask_file)
+        warm = warm_start_variables(cfg, stage1_variables, stage1_kernel, kernel)
         result = train.train_stage(train_p, val_p, s2, cfg, kernel, run_dir / "stage2", name="stage2",
                                    progress=(lambda r: progress("stage2", r)) if progress else None,
-                                   budget_seconds=policy.stage_budget_seconds(cfg, "stage2", trained_seconds))
+                                   budget_seconds=policy.stage_budget_seconds(cfg, "stage2", trained_seconds),
+                                   init_variables=warm)
         inference.save_model_json(run_dir / "stage2", s2, kernel, "stage2")
         model = inference.StageModel(result.variables, s2, posterior_mean=cfg.posterior_mean)
         outputs["stage2"], _ = denoise_dataset(model, ds, run_dir / "stage2" / "denoised", cfg)
@@ -283,6 +317,7 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
                                            stopped_early=result.stopped_early,
                                            out_of_time=result.out_of_time,
                                            train_seconds=round(result.seconds, 1), mask=info.get("summary"),
+                                           warm_start=warm is not None,
                                            mask_pixels=int(np.asarray(kernel).sum()))
         summary["outputs"]["stage2"] = str(run_dir / "stage2" / "denoised")
 

@@ -209,9 +209,14 @@ def make_eval_fn(apply_fn: Callable) -> Callable:
     return run
 
 
-def init_state(spec: StageSpec, seed: int, learning_rate: float) -> TrainState:
-    variables = models.init_variables(spec.features, spec.num_layers, spec.patch_size, seed,
-                                      top_skip=spec.top_skip)
+def init_state(spec: StageSpec, seed: int, learning_rate: float, init_variables: dict | None = None) -> TrainState:
+    """A fresh train state: new variables from ``seed``, or a copy of ``init_variables`` (a warm
+    start from another stage with the same architecture), with a fresh optimizer state either way."""
+    if init_variables is None:
+        variables = models.init_variables(spec.features, spec.num_layers, spec.patch_size, seed,
+                                          top_skip=spec.top_skip)
+    else:
+        variables = _checked_init(spec, init_variables)
     opt_state = jax.jit(_optimizer().init)(variables["params"])
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -223,6 +228,24 @@ def init_state(spec: StageSpec, seed: int, learning_rate: float) -> TrainState:
 
 
 # --------------------------------------------------------------------------- host loop
+
+
+def same_architecture(a: StageSpec, b: StageSpec) -> bool:
+    """The two stages' networks have the same variables (so one can start from the other's)."""
+    return (a.features, a.num_layers, a.pool, a.top_skip) == (b.features, b.num_layers, b.pool, b.top_skip)
+
+
+def _checked_init(spec: StageSpec, init_variables: dict) -> dict:
+    """``init_variables`` as a float32 copy, checked against the shapes ``spec``'s network needs."""
+    template = jax.eval_shape(lambda: models.init_variables(spec.features, spec.num_layers, spec.patch_size,
+                                                            0, top_skip=spec.top_skip))
+    template = {"params": template["params"], "batch_stats": template["batch_stats"]}
+    given = {"params": init_variables["params"], "batch_stats": init_variables["batch_stats"]}
+    shapes = lambda tree: jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), tree)
+    if (jax.tree_util.tree_structure(template) != jax.tree_util.tree_structure(given)
+            or shapes(template) != shapes(given)):
+        raise ValueError(f"{spec.name}: the warm-start variables do not fit this stage's network")
+    return jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32), given)
 
 
 def _write_metrics(path: pathlib.Path, history: list[dict]) -> None:
@@ -251,6 +274,7 @@ def train_stage(
     name: str,
     progress: Callable[[dict], None] | None = None,
     budget_seconds: float | None = None,
+    init_variables: dict | None = None,
 ) -> TrainResult:
     """Train one stage on normalised float32 planes; resume from `workdir/checkpoints` if present.
 
@@ -258,6 +282,9 @@ def train_stage(
     dispatch, with at most one dispatch in flight): the cut epoch is validated and committed like
     any other, and the best model so far is returned. The cosine schedule (``lr_schedule``) runs
     over ``max(elapsed / budget, step / total steps)``.
+
+    ``init_variables`` (same architecture, see :func:`same_architecture`) replaces the random
+    initialisation; a resumed run takes its variables from the checkpoint as usual.
 
     Each epoch ends with one all-or-nothing commit (`checkpoint.Checkpointer.save`: train state,
     best variables, loop state and history), then `metrics.jsonl` is rewritten from that history;
@@ -289,7 +316,7 @@ def train_stage(
     val_set = make_val_set(jax.random.fold_in(stage_root, _VAL_KEY), val_bank, spec,
                            int(stage_cfg.num_val_patches), batch_sharding)
     state = jax.device_put(init_state(spec, int(general_cfg.random_seed) + (0 if name == "stage1" else 1),
-                                      float(stage_cfg.learning_rate)), replicated)
+                                      float(stage_cfg.learning_rate), init_variables), replicated)
     best = _copy(_variables(state))
 
     steps_per_epoch = max(1, len(train_planes) * int(stage_cfg.patches_per_image) // spec.batch_size)

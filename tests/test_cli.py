@@ -148,6 +148,7 @@ def test_mode1_full_pipeline(full_run, data_dir):
     meta = json.loads((run / "stage2" / "model.json").read_text())
     assert (meta["pool"], meta["top_skip"]) == ("blur", False)
     assert (json.loads((run / "stage1" / "model.json").read_text())["pool"]) == "max"
+    assert summary["stages"]["stage2"]["warm_start"] is False  # auto: the networks differ
     assert (run / "mask" / "autocorrelation.npy").is_file()
     # the denoised images are not just copies of the input
     src = read_tiff(_tiffs(data_dir)[0])
@@ -201,7 +202,23 @@ def test_mode3_stage2_mask_file(tmp_path, data_dir, capsys):
     assert np.array_equal(mask, H_LINE)
     assert json.loads((run / "mask" / "extraction.json").read_text())["source"] == "file"
     assert "structural mask:" in out
+    assert json.loads((run / "summary.json").read_text())["stages"]["stage2"]["warm_start"] is False
     assert not temp_leftovers(tmp_path)
+
+
+@pytest.mark.slow
+def test_full_pipeline_with_a_centre_mask_warm_starts_stage2(tmp_path, data_dir, capsys):
+    """No structure (the centre alone) and the same network: stage 2 continues stage 1's training
+    (`stage2.warm_start=auto`; tests/test_train.py checks that the variables are really used)."""
+    mask_path = tmp_path / "centre.npy"
+    np.save(mask_path, np.ones((1, 1), bool))
+    run = tmp_path / "run"
+    rc, _, err = run_main(train_args("default.py", data_dir, run, "--config.stage2.mask_source=file",
+                                     f"--config.stage2.mask_file_path={mask_path}"), capsys)
+    assert rc == 0, err
+    summary = _check_run(run, _tiffs(data_dir), ("stage1", "stage2"))
+    assert summary["stages"]["stage2"]["warm_start"] is True
+    assert summary["stages"]["stage2"]["mask_pixels"] == 1
 
 
 @pytest.mark.slow

@@ -73,6 +73,7 @@ def test_overrides_parse_types():
     ("output_dtype=uint7", "output_dtype"),
     ("posterior_mean=histogram", "posterior_mean"),
     ("posterior_mean=True", "posterior_mean"),
+    ("stage2.warm_start=yes", "stage2.warm_start"),
 ])
 def test_bad_values_name_their_key(override, key):
     cfg = _valid()
@@ -99,6 +100,17 @@ def test_mode_consistency():
     with pytest.raises(ConfigError, match="input_dir"):
         cfg = config_lib.base_config()
         config_lib.validate_config(cfg)
+
+
+def test_warm_start_on_needs_stage1_with_the_same_network():
+    cfg = _valid(**{"stage2.warm_start": "on", "stage2.features": 32})
+    with pytest.raises(ConfigError, match=r"stage2\.warm_start.*features"):
+        config_lib.validate_config(cfg)
+    cfg = _valid(run_stage1=False, **{"stage2.warm_start": "on", "stage2.mask_source": "extractor"})
+    with pytest.raises(ConfigError, match=r"stage2\.warm_start.*run_stage1"):
+        config_lib.validate_config(cfg)
+    config_lib.validate_config(_valid(**{"stage2.warm_start": "on"}))
+    config_lib.validate_config(_valid(**{"stage2.features": 32}))  # auto: stage 2 from scratch
 
 
 def test_json_round_trip():

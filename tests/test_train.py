@@ -190,3 +190,71 @@ def test_train_step_learns_and_uses_fresh_masks():
     assert np.all(np.isfinite(losses)) and int(state.step) == 12
     assert losses[-4:].mean() < losses[:2].mean()
     assert jnp.asarray(state.learning_rate).dtype == jnp.float32
+
+
+def test_warm_start_copies_variables_and_checks_the_network():
+    """`init_variables` replaces the random initialisation (fresh optimizer state); variables of a
+    different network are refused, and `same_architecture` says when a warm start is possible."""
+    cfg = _cfg()
+    kernel = masking.stage1_kernel(1)
+    spec = train.StageSpec.from_config("stage2", cfg.stage1, kernel)
+    donor = models.init_variables(spec.features, spec.num_layers, spec.patch_size, 7, top_skip=spec.top_skip)
+    state = train.init_state(spec, 0, 1e-3, donor)
+    for x, y in zip(jax.tree.leaves(donor["params"]), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    fresh = train.init_state(spec, 0, 1e-3)
+    assert any(not np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(jax.tree.leaves(fresh.params), jax.tree.leaves(state.params)))
+    assert int(state.step) == 0
+    wider = train.StageSpec.from_config("stage2", _cfg(features=16).stage1, kernel)
+    assert train.same_architecture(spec, spec) and not train.same_architecture(spec, wider)
+    with pytest.raises(ValueError, match="stage2: the warm-start variables"):
+        train.init_state(wider, 0, 1e-3, donor)
+
+
+def _smooth_planes(seed, n=2, size=64):
+    """Smooth content + white noise: a network can learn it within a few epochs."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    return [preprocess.normalize((np.sin(2 * np.pi * (rng.uniform(1, 3) * xx + rng.uniform(1, 3) * yy))
+                                  + 0.3 * rng.standard_normal((size, size))).astype(np.float32))[0]
+            for _ in range(n)]
+
+
+@pytest.mark.slow
+def test_warm_started_stage_begins_where_the_donor_ended(tmp_path):
+    """A stage started from trained variables validates near the donor's loss; the same stage from
+    a random network is far behind (at a learning rate too small to catch up: the variables were
+    really used)."""
+    kernel = masking.stage1_kernel(1)
+    planes, val = _smooth_planes(0), _smooth_planes(1, 1)
+    donor = train.train_stage(planes, val, _cfg(6).stage1, _cfg(6), kernel, tmp_path / "donor", name="stage1")
+    still = _cfg(1, learning_rate=1e-7)
+    runs = {warm: train.train_stage(planes, val, still.stage1, still, kernel, tmp_path / str(warm), name="stage2",
+                                    init_variables=donor.variables if warm else None).best_val_loss
+            for warm in (True, False)}
+    print(f"\ndonor {donor.best_val_loss:.4f}, warm {runs[True]:.4f}, fresh {runs[False]:.4f}")
+    assert runs[True] < 0.8 * runs[False]
+    assert runs[True] < 1.2 * donor.best_val_loss
+
+
+def test_warm_start_rule():
+    """`auto` warm-starts stage 2 only for stage 1's task (same network, same blind spot)."""
+    from autostructn2v_jax import pipeline
+
+    cfg = config_lib.base_config()
+    donor = {"params": {}, "batch_stats": {}}
+    centre = masking.stage1_kernel(1)
+    alone = np.ones((1, 1), bool)  # the centre alone, in another shape
+    line = np.ones((1, 9), bool)
+    assert pipeline.warm_start_variables(cfg, donor, centre, alone) is donor
+    assert pipeline.warm_start_variables(cfg, donor, centre, line) is None
+    assert pipeline.warm_start_variables(cfg, None, None, alone) is None  # stage 1 did not train
+    cfg.stage2.warm_start = "on"
+    assert pipeline.warm_start_variables(cfg, donor, centre, line) is donor
+    cfg.stage2.warm_start = "auto"
+    cfg.stage2.features = 32
+    assert pipeline.warm_start_variables(cfg, donor, centre, alone) is None
+    cfg.stage2.features = cfg.stage1.features
+    cfg.stage2.warm_start = "off"
+    assert pipeline.warm_start_variables(cfg, donor, centre, alone) is None
