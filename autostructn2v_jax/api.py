@@ -48,12 +48,14 @@ def run(cfg, progress=None) -> dict:
 
 
 def denoise(run_dir: str | os.PathLike, image: np.ndarray, *, stage: str | None = None,
-            tta: bool = False) -> np.ndarray:
-    """Denoise an array (H, W) or (P, H, W) with a trained run; float32 in the input's units."""
+            tta: bool | None = None) -> np.ndarray:
+    """Denoise an array (H, W) or (P, H, W) with a trained run; float32 in the input's units.
+    ``tta`` (mean over the 8 flips/rotations): None follows the run's config (``tta``)."""
     from autostructn2v_jax import inference
 
     _, _, model = inference.load_run(run_dir, stage)
-    model.tta = tta
+    if tta is not None:
+        model.tta = bool(tta)
     arr = np.asarray(image)
     planes = arr[None] if arr.ndim == 2 else arr
     if planes.ndim != 3:

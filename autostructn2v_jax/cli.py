@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which stage to apply (default: the last one trained)")
     p.add_argument("--axes", default="", help="axes of the input, e.g. YX, SYX, ZYX, TYX")
     p.add_argument("--float32", action="store_true", help="write float32 instead of the input dtype")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation (mean over 8 flips/rotations)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time augmentation (mean over 8 flips/rotations); default: as the run "
+                        "was configured (config key tta)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     p = sub.add_parser("extract-mask", help="find the structural mask of a folder of noisy TIFFs")

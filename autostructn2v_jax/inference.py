@@ -63,6 +63,14 @@ class StageModel:
         return np.stack(outs).astype(np.float32)
 
 
+def uses_tta(cfg, stage_cfg) -> bool:
+    """Whether a stage's predictions average the 8 flips/rotations (top-level ``tta``): ``auto``
+    only for a stage trained with them, since a network that never saw a rotated image (and its
+    rotated noise structure) cannot be trusted on one."""
+    mode = cfg.get("tta", "off")
+    return mode == "on" or (mode == "auto" and bool(stage_cfg.use_augmentation))
+
+
 def save_model_json(stage_dir: pathlib.Path, stage_cfg, kernel: np.ndarray, name: str) -> None:
     """`stage_dir/model.json`: what `load_run` needs to rebuild the stage's network."""
     if not parallel.is_main_process():
@@ -95,15 +103,20 @@ def load_run(run_dir: str | os.PathLike, stage: str | None = None):
                                                meta["patch_size"], bool(meta.get("top_skip", True)))
         if variables is None:
             raise UserInputError(f"{run_dir / name / 'checkpoints'}: no checkpoint found")
-        return cfg, name, StageModel(variables, cfg[name], posterior_mean=cfg.posterior_mean)
+        return cfg, name, StageModel(variables, cfg[name], tta=uses_tta(cfg, cfg[name]),
+                                     posterior_mean=cfg.posterior_mean)
     raise UserInputError(f"{run_dir}: no trained stage found (no stage1/ or stage2/ model.json)")
 
 
 def predict_files(run_dir, input_path, output_dir, *, overwrite: bool = False, axes: str = "",
-                  output_dtype: str = "input", tta: bool = False, stage: str | None = None) -> list[pathlib.Path]:
-    """Denoise a TIFF file or a folder of TIFFs with a trained run; return the written paths."""
+                  output_dtype: str = "input", tta: bool | None = None,
+                  stage: str | None = None) -> list[pathlib.Path]:
+    """Denoise a TIFF file or a folder of TIFFs with a trained run; return the written paths.
+    ``tta``: None follows the run's config (:func:`uses_tta`)."""
     cfg, name, model = load_run(run_dir, stage)
-    model.tta = tta
+    if tta is not None:
+        model.tta = bool(tta)
+    tta = model.tta
     input_path = pathlib.Path(input_path)
     paths = [input_path] if input_path.is_file() else tiffio.list_tiffs(input_path)
     out_dir = pathlib.Path(output_dir)

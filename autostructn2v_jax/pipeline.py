@@ -285,11 +285,12 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
         trained_seconds += result.seconds
         stage1_variables, stage1_kernel = result.variables, kernel
         inference.save_model_json(run_dir / "stage1", s1, kernel, "stage1")
-        model = inference.StageModel(result.variables, s1, posterior_mean=cfg.posterior_mean)
+        model = inference.StageModel(result.variables, s1, tta=inference.uses_tta(cfg, s1),
+                                     posterior_mean=cfg.posterior_mean)
         outputs["stage1"], stage1_out = denoise_dataset(model, ds, run_dir / "stage1" / "denoised", cfg)
         summary["stages"]["stage1"] = dict(best_val_loss=result.best_val_loss, epochs=result.epochs_run,
                                            stopped_early=result.stopped_early,
-                                           out_of_time=result.out_of_time,
+                                           out_of_time=result.out_of_time, tta=model.tta,
                                            train_seconds=round(result.seconds, 1))
         summary["outputs"]["stage1"] = str(run_dir / "stage1" / "denoised")
 
@@ -311,13 +312,14 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
                                    budget_seconds=policy.stage_budget_seconds(cfg, "stage2", trained_seconds),
                                    init_variables=warm)
         inference.save_model_json(run_dir / "stage2", s2, kernel, "stage2")
-        model = inference.StageModel(result.variables, s2, posterior_mean=cfg.posterior_mean)
+        model = inference.StageModel(result.variables, s2, tta=inference.uses_tta(cfg, s2),
+                                     posterior_mean=cfg.posterior_mean)
         outputs["stage2"], _ = denoise_dataset(model, ds, run_dir / "stage2" / "denoised", cfg)
         summary["stages"]["stage2"] = dict(best_val_loss=result.best_val_loss, epochs=result.epochs_run,
                                            stopped_early=result.stopped_early,
                                            out_of_time=result.out_of_time,
                                            train_seconds=round(result.seconds, 1), mask=info.get("summary"),
-                                           warm_start=warm is not None,
+                                           warm_start=warm is not None, tta=model.tta,
                                            mask_pixels=int(np.asarray(kernel).sum()))
         summary["outputs"]["stage2"] = str(run_dir / "stage2" / "denoised")
 

@@ -291,6 +291,13 @@ def test_predict_folder_and_files(full_run, data_dir, tmp_path, capsys):
         np.testing.assert_allclose(read_tiff(out / p.name).astype(np.float64),
                                    read_tiff(run / "stage2" / "denoised" / p.name).astype(np.float64),
                                    rtol=1e-4, atol=1.01 if p.name.endswith("1.tif") else 1e-3)
+    # the run predicted with TTA (tta=auto, trained with augmentation); --no-tta is a different output
+    assert json.loads((run / "summary.json").read_text())["stages"]["stage2"]["tta"] is True
+    plain = tmp_path / "plain"
+    rc, _, err = run_main(["predict", "--run", run, "--input", data_dir, "--output", plain, "--no-tta"], capsys)
+    assert rc == 0, err
+    name = _tiffs(data_dir)[0].name
+    assert not np.array_equal(read_tiff(plain / name), read_tiff(out / name))
 
     # a uint16 single file and a multi-page float32 and uint16 stack (3, 64, 64)
     extra = tmp_path / "extra"

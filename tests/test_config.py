@@ -74,6 +74,7 @@ def test_overrides_parse_types():
     ("posterior_mean=histogram", "posterior_mean"),
     ("posterior_mean=True", "posterior_mean"),
     ("stage2.warm_start=yes", "stage2.warm_start"),
+    ("tta=True", "tta"),
 ])
 def test_bad_values_name_their_key(override, key):
     cfg = _valid()

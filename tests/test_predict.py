@@ -184,3 +184,17 @@ def test_n2v2_network_tiles_exactly_with_its_own_receptive_field():
     frame = np.pad(image, ((plan.halo, fh - h - plan.halo), (plan.halo, fw - w - plan.halo)), mode="reflect")
     whole = np.asarray(jax.jit(lambda x: apply(v, x, False))(frame[None, ..., None]))[0, ..., 0]
     np.testing.assert_allclose(tiled, whole[plan.halo:plan.halo + h, plan.halo:plan.halo + w], atol=1e-5, rtol=0)
+
+
+def test_tta_follows_the_config_and_the_training():
+    """`tta=auto` averages the 8 symmetries only for a stage trained with them."""
+    from autostructn2v_jax import config as config_lib, inference
+
+    cfg = config_lib.base_config()
+    assert inference.uses_tta(cfg, cfg.stage1)
+    cfg.stage1.use_augmentation = False
+    assert not inference.uses_tta(cfg, cfg.stage1)
+    cfg.tta = "on"
+    assert inference.uses_tta(cfg, cfg.stage1)
+    cfg.tta = "off"
+    assert not inference.uses_tta(cfg, cfg.stage2)
