@@ -130,7 +130,8 @@ def full_run(work, data_dir):
     skip), so `predict --run` below also checks that a run rebuilds it. Returns (run folder, argv,
     seconds)."""
     run = work / "run_full"
-    argv = train_args("default.py", data_dir, run, "--config.stage2.pool=blur", "--config.stage2.top_skip=false")
+    argv = train_args("default.py", data_dir, run, "--config.stage2.pool=blur", "--config.stage2.top_skip=false",
+                      "--config.tta=auto")
     t0 = time.perf_counter()
     rc = _main(argv)
     assert rc == 0
