@@ -29,8 +29,8 @@ TINY = [
     "--config.stage1.num_val_patches=8", "--config.stage2.num_val_patches=8",
     "--config.stage2.extractor.num_patches=50", "--config.stage2.extractor.patch_size=32",
     "--config.stage1.predict_tile_size=64", "--config.stage2.predict_tile_size=64",
-    # one prediction per tile instead of eight: the full_run fixture of test_cli.py turns TTA back
-    # on (the default) and checks it; everywhere else it would only add compile time
+    # one prediction per tile instead of eight: test_cli.py's centre-mask run turns TTA back on
+    # (the default) and checks it; everywhere else it would only add compile time
     "--config.tta=off",
 ]
 

@@ -130,8 +130,7 @@ def full_run(work, data_dir):
     skip), so `predict --run` below also checks that a run rebuilds it. Returns (run folder, argv,
     seconds)."""
     run = work / "run_full"
-    argv = train_args("default.py", data_dir, run, "--config.stage2.pool=blur", "--config.stage2.top_skip=false",
-                      "--config.tta=auto")
+    argv = train_args("default.py", data_dir, run, "--config.stage2.pool=blur", "--config.stage2.top_skip=false")
     t0 = time.perf_counter()
     rc = _main(argv)
     assert rc == 0
@@ -210,16 +209,30 @@ def test_mode3_stage2_mask_file(tmp_path, data_dir, capsys):
 @pytest.mark.slow
 def test_full_pipeline_with_a_centre_mask_warm_starts_stage2(tmp_path, data_dir, capsys):
     """No structure (the centre alone) and the same network: stage 2 continues stage 1's training
-    (`stage2.warm_start=auto`; tests/test_train.py checks that the variables are really used)."""
+    (`stage2.warm_start=auto`; tests/test_train.py checks that the variables are really used).
+    The one CLI run with the default `tta` (the tiny runs turn it off)."""
     mask_path = tmp_path / "centre.npy"
     np.save(mask_path, np.ones((1, 1), bool))
     run = tmp_path / "run"
     rc, _, err = run_main(train_args("default.py", data_dir, run, "--config.stage2.mask_source=file",
-                                     f"--config.stage2.mask_file_path={mask_path}"), capsys)
+                                     f"--config.stage2.mask_file_path={mask_path}", "--config.tta=auto"), capsys)
     assert rc == 0, err
     summary = _check_run(run, _tiffs(data_dir), ("stage1", "stage2"))
     assert summary["stages"]["stage2"]["warm_start"] is True
     assert summary["stages"]["stage2"]["mask_pixels"] == 1
+    # the default tta=auto: both stages trained with augmentation, so the run predicted with TTA;
+    # `predict` follows the run, and --no-tta gives another output
+    assert summary["stages"]["stage1"]["tta"] is True and summary["stages"]["stage2"]["tta"] is True
+    name = _tiffs(data_dir)[0].name
+    outs = {}
+    for flag in ([], ["--no-tta"]):
+        out = tmp_path / ("out" + "".join(flag))
+        rc, _, err = run_main(["predict", "--run", run, "--input", data_dir, "--output", out, *flag], capsys)
+        assert rc == 0, err
+        outs[bool(flag)] = read_tiff(out / name).astype(np.float64)
+    np.testing.assert_allclose(outs[False], read_tiff(run / "stage2" / "denoised" / name).astype(np.float64),
+                               rtol=1e-4, atol=1.01)
+    assert not np.array_equal(outs[True], outs[False])
 
 
 @pytest.mark.slow
@@ -292,13 +305,6 @@ def test_predict_folder_and_files(full_run, data_dir, tmp_path, capsys):
         np.testing.assert_allclose(read_tiff(out / p.name).astype(np.float64),
                                    read_tiff(run / "stage2" / "denoised" / p.name).astype(np.float64),
                                    rtol=1e-4, atol=1.01 if p.name.endswith("1.tif") else 1e-3)
-    # the run predicted with TTA (tta=auto, trained with augmentation); --no-tta is a different output
-    assert json.loads((run / "summary.json").read_text())["stages"]["stage2"]["tta"] is True
-    plain = tmp_path / "plain"
-    rc, _, err = run_main(["predict", "--run", run, "--input", data_dir, "--output", plain, "--no-tta"], capsys)
-    assert rc == 0, err
-    name = _tiffs(data_dir)[0].name
-    assert not np.array_equal(read_tiff(plain / name), read_tiff(out / name))
 
     # a uint16 single file and a multi-page float32 and uint16 stack (3, 64, 64)
     extra = tmp_path / "extra"
