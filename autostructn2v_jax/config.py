@@ -283,10 +283,18 @@ def validate_config(cfg: ml_collections.ConfigDict, *, need_io: bool = True) -> 
         _check(warm in WARM_STARTS, "stage2.warm_start", f"must be one of {WARM_STARTS}, got {warm!r}")
         if warm == "on":
             _check(cfg.run_stage1, "stage2.warm_start", "'on' needs run_stage1=true (or use 'auto'/'off')")
-            arch = ("features", "num_layers", "pool", "top_skip")
-            differ = [k for k in arch if cfg.stage1[k] != cfg.stage2[k]]
+            differ = network_differences(cfg)
             _check(not differ, "stage2.warm_start",
                    f"'on' needs the same network in both stages; stage1 and stage2 differ in {', '.join(differ)}")
+
+
+NETWORK_KEYS = ("features", "num_layers", "pool", "top_skip")  # what a stage's variables depend on
+
+
+def network_differences(cfg: ml_collections.ConfigDict) -> list[str]:
+    """The keys in which stage 1's and stage 2's networks differ (empty: one can start from the
+    other's variables, `stage2.warm_start`)."""
+    return [k for k in NETWORK_KEYS if cfg.stage1[k] != cfg.stage2[k]]
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

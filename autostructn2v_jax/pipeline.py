@@ -154,7 +154,7 @@ def warm_start_variables(cfg, stage1_variables: dict | None, stage1_kernel: np.n
     mode = cfg.stage2.get("warm_start", "off")
     if mode == "off" or stage1_variables is None:
         return None
-    same_net = all(cfg.stage1[k] == cfg.stage2[k] for k in ("features", "num_layers", "pool", "top_skip"))
+    same_net = not config_lib.network_differences(cfg)
     same_task = stage1_kernel is not None and _offsets(stage1_kernel) == _offsets(stage2_kernel)
     if mode == "auto" and not (same_net and same_task):
         why = "its network differs from stage 1's" if not same_net else "its mask differs from stage 1's blind spot"

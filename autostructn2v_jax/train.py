@@ -230,11 +230,6 @@ def init_state(spec: StageSpec, seed: int, learning_rate: float, init_variables:
 # --------------------------------------------------------------------------- host loop
 
 
-def same_architecture(a: StageSpec, b: StageSpec) -> bool:
-    """The two stages' networks have the same variables (so one can start from the other's)."""
-    return (a.features, a.num_layers, a.pool, a.top_skip) == (b.features, b.num_layers, b.pool, b.top_skip)
-
-
 def _checked_init(spec: StageSpec, init_variables: dict) -> dict:
     """``init_variables`` as a float32 copy, checked against the shapes ``spec``'s network needs."""
     template = jax.eval_shape(lambda: models.init_variables(spec.features, spec.num_layers, spec.patch_size,
@@ -283,7 +278,7 @@ def train_stage(
     any other, and the best model so far is returned. The cosine schedule (``lr_schedule``) runs
     over ``max(elapsed / budget, step / total steps)``.
 
-    ``init_variables`` (same architecture, see :func:`same_architecture`) replaces the random
+    ``init_variables`` (the same network, see ``config.network_differences``) replaces the random
     initialisation; a resumed run takes its variables from the checkpoint as usual.
 
     Each epoch ends with one all-or-nothing commit (`checkpoint.Checkpointer.save`: train state,

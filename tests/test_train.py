@@ -194,7 +194,7 @@ def test_train_step_learns_and_uses_fresh_masks():
 
 def test_warm_start_copies_variables_and_checks_the_network():
     """`init_variables` replaces the random initialisation (fresh optimizer state); variables of a
-    different network are refused, and `same_architecture` says when a warm start is possible."""
+    different network are refused, and `network_differences` says when a warm start is possible."""
     cfg = _cfg()
     kernel = masking.stage1_kernel(1)
     spec = train.StageSpec.from_config("stage2", cfg.stage1, kernel)
@@ -207,7 +207,10 @@ def test_warm_start_copies_variables_and_checks_the_network():
                for x, y in zip(jax.tree.leaves(fresh.params), jax.tree.leaves(state.params)))
     assert int(state.step) == 0
     wider = train.StageSpec.from_config("stage2", _cfg(features=16).stage1, kernel)
-    assert train.same_architecture(spec, spec) and not train.same_architecture(spec, wider)
+    both = config_lib.base_config()
+    assert config_lib.network_differences(both) == []
+    both.stage2.features, both.stage2.pool = 32, "blur"
+    assert config_lib.network_differences(both) == ["features", "pool"]
     with pytest.raises(ValueError, match="stage2: the warm-start variables"):
         train.init_state(wider, 0, 1e-3, donor)
 
