@@ -147,7 +147,7 @@ def warm_start_variables(cfg, stage1_variables: dict | None, stage1_kernel: np.n
     `auto` warm-starts only when stage 2 repeats stage 1's task: the same network and the same
     blind spot (a mask of the centre pixel alone, the white-noise case). Stage 2 then continues
     stage 1's training instead of starting over on half the budget (white photo crops, 5 minutes:
-    +0.5 dB). With a structured mask it trains from scratch: stage 1's network has learned to copy
+    +0.3-0.6 dB). With a structured mask it trains from scratch: stage 1's network has learned to copy
     the correlated noise from the neighbours, and unlearning that cost 1.9 dB against a fresh
     network in the same time (docs/benchmarks.md, "Warm start"). `on` warm-starts whenever the
     networks match (`config.validate_config` checks it)."""

@@ -230,11 +230,16 @@ def init_state(spec: StageSpec, seed: int, learning_rate: float, init_variables:
 # --------------------------------------------------------------------------- host loop
 
 
+def _variables_template(features: int, num_layers: int, patch_size: int, top_skip: bool) -> dict:
+    """Shapes and dtypes of a network's ``{'params', 'batch_stats'}`` (nothing is computed)."""
+    template = jax.eval_shape(lambda: models.init_variables(features, num_layers, patch_size, 0,
+                                                            top_skip=top_skip))
+    return {"params": template["params"], "batch_stats": template["batch_stats"]}
+
+
 def _checked_init(spec: StageSpec, init_variables: dict) -> dict:
     """``init_variables`` as a float32 copy, checked against the shapes ``spec``'s network needs."""
-    template = jax.eval_shape(lambda: models.init_variables(spec.features, spec.num_layers, spec.patch_size,
-                                                            0, top_skip=spec.top_skip))
-    template = {"params": template["params"], "batch_stats": template["batch_stats"]}
+    template = _variables_template(spec.features, spec.num_layers, spec.patch_size, spec.top_skip)
     given = {"params": init_variables["params"], "batch_stats": init_variables["batch_stats"]}
     shapes = lambda tree: jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), tree)
     if (jax.tree_util.tree_structure(template) != jax.tree_util.tree_structure(given)
@@ -417,8 +422,6 @@ def train_stage(
 def load_stage_variables(workdir: str | pathlib.Path, features: int, num_layers: int, patch_size: int,
                          top_skip: bool = True) -> dict:
     """Best variables of a trained stage, for prediction (None without a checkpoint)."""
-    template = jax.eval_shape(lambda: models.init_variables(features, num_layers, patch_size, 0,
-                                                            top_skip=top_skip))
     found = restore_best_variables(pathlib.Path(workdir) / "checkpoints",
-                                   {"params": template["params"], "batch_stats": template["batch_stats"]})
+                                   _variables_template(features, num_layers, patch_size, top_skip))
     return None if found is None else jax.device_get(found)
