@@ -2,11 +2,13 @@
 
     python benchmarks/classical.py [--json classical.json] [--ours bench_posterior/results.json]
 
-Same 16 clean crops (128x128 of scikit-image's camera, coins, moon, brick; [0, 1]) and the same
-noise cases and seeds as `benchmarks/posterior.py` (`white`: Gaussian sigma 0.1; `hcorr`:
-length-5 box-correlated std 0.08 along x + independent std 0.04). Rows:
+The 54 clean crops of `benchmarks/quality.py` (every non-overlapping 128x128 crop of scikit-image's
+camera, coins, moon, brick; [0, 1]; the data of issue 12) and the same noise cases and seeds
+(`white`: Gaussian sigma 0.1; `hcorr`: length-5 box-correlated std 0.08 along x + independent std
+0.04). Rows:
 
-* NL-means (scikit-image, `fast_mode`, patch 5, distance 6, h = 0.8 sigma) with sigma given (the
+* NL-means (scikit-image, `fast_mode`, its default patch 7 and distance 11, h = 0.8 sigma; the
+  setting of issue 12's figures) with sigma given (the
   total noise std) and with sigma estimated from the noisy crop (a high-pass MAD).
 * BM3D (the `bm3d` package) with sigma given and, for `hcorr`, given the exact noise power
   spectrum. `bm3d` is a benchmark-only peer: it runs in a separate virtual environment
@@ -14,7 +16,7 @@ length-5 box-correlated std 0.08 along x + independent std 0.04). Rows:
   `python -m venv benchmarks/.peers-venv && benchmarks/.peers-venv/bin/pip install bm3d`), fed
   through a temporary .npz file; the row is skipped when that interpreter is missing.
 
-PSNR with data range 1, averaged over the crops; seconds are the total for the 16 crops.
+PSNR with data range 1, averaged over the crops; seconds are the total for the 54 crops.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from autostructn2v_jax import synth  # noqa: E402
 from autostructn2v_jax.files import atomic_write_text  # noqa: E402
-from quality import clean_crops  # noqa: E402
+from quality import grid_crops  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 SIGMA = {"white": 0.1, "hcorr": float(np.sqrt(0.08**2 + 0.04**2))}
@@ -56,9 +58,9 @@ np.savez(sys.argv[2], **out)
 
 
 def noisy_crops(case: str) -> tuple[np.ndarray, np.ndarray]:
-    """(clean, noisy) stacks, exactly as `benchmarks/posterior.py` draws them."""
+    """(clean, noisy) stacks of the 54 crops, drawn as `quality.noisy_images` draws them."""
     rng = np.random.default_rng(1 if case == "hcorr" else 0)
-    clean = np.stack(clean_crops())
+    clean = np.stack(grid_crops())
     return clean, np.stack([synth.add_noise(rng, c, case) for c in clean])
 
 
@@ -88,7 +90,7 @@ def nl_means(noisy: np.ndarray, sigma: float | None) -> tuple[np.ndarray, float,
     for x in noisy:
         s = float(np.sqrt(estimate_noise(x).b)) if sigma is None else sigma
         used.append(s)
-        outs.append(denoise_nl_means(x, h=0.8 * s, sigma=s, fast_mode=True, patch_size=5, patch_distance=6))
+        outs.append(denoise_nl_means(x, h=0.8 * s, sigma=s, fast_mode=True, patch_size=7, patch_distance=11))
     return np.stack(outs), time.perf_counter() - t0, float(np.mean(used))
 
 
@@ -143,7 +145,7 @@ def main() -> None:
         if args.ours:
             rows.extend(r for r in our_rows(args.ours) if r["case"] == case)
     print(f"load average: {os.getloadavg()[0]:.2f}")
-    print("| case | method | PSNR (dB) | seconds (16 crops) |")
+    print("| case | method | PSNR (dB) | seconds (54 crops) |")
     print("|---|---|---|---|")
     for r in rows:
         seconds = "" if r["seconds"] != r["seconds"] else f"{r['seconds']:.1f}"

@@ -4,8 +4,8 @@
     python benchmarks/quality.py --config configs/default.py --budgets 5,15,30   # minutes per run
     python benchmarks/quality.py --rescore --out bench_quality                    # tables of runs made
 
-Clean images: 128x128 crops ([0, 1]) of scikit-image's bundled camera, coins, moon and brick
-images (4 crops each), or 16 synthetic cell images (`synth.clean_image`, 128x128). Cases: `white`
+Clean images: every non-overlapping 128x128 crop ([0, 1]) of scikit-image's bundled camera,
+coins, moon and brick images (54 crops: the data of issue 12), or 16 synthetic cell images (`synth.clean_image`, 128x128). Cases: `white`
 (Gaussian sigma 0.1) and `hcorr` (N(0,1) convolved along x with a length-5 box, rescaled to std
 0.08, plus independent Gaussian std 0.04) on the photo crops (the same noisy crops as
 `benchmarks/classical.py` and `benchmarks/posterior.py`), and `cells_white` / `cells_hcorr` on the
@@ -55,6 +55,20 @@ def clean_crops(size: int = 128, per_image: int = 4, seed: int = 0) -> list[np.n
     return crops
 
 
+def grid_crops(size: int = 128) -> list[np.ndarray]:
+    """Every non-overlapping ``size`` crop of the four photos, row by row (54 at 128): the data set of
+    issue 12, on which its NL-means and BM3D figures were made."""
+    import skimage.data
+
+    crops = []
+    for name in NAMES:
+        img = getattr(skimage.data, name)().astype(np.float32)
+        img = (img - img.min()) / max(float(img.max() - img.min()), 1e-6)
+        crops += [img[y:y + size, x:x + size].copy() for y in range(0, img.shape[0] - size + 1, size)
+                  for x in range(0, img.shape[1] - size + 1, size)]
+    return crops
+
+
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     from skimage.metrics import structural_similarity
 
@@ -62,11 +76,11 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def clean_images(case: str, seed: int = 0) -> list[np.ndarray]:
-    """The clean set of a case: photo crops, or 16 synthetic cell images for `cells_*`."""
+    """The clean set of a case: the 54 photo crops, or 16 synthetic cell images for `cells_*`."""
     if case.startswith("cells_"):
         rng = np.random.default_rng(seed + 100)
         return [synth.clean_image(rng, 128) for _ in range(16)]
-    return clean_crops(seed=seed)
+    return grid_crops()
 
 
 def noise_kind(case: str) -> str:
@@ -114,14 +128,14 @@ def score(folder: pathlib.Path) -> dict:
 def run_case(case: str, out: pathlib.Path, epochs: int, seed: int = 0, config: str = "configs/demo.py",
              budget: float = 0.0, **overrides) -> dict:
     folder = out / (f"{case}_{budget:g}min" if budget else case)
-    write_case(case, folder, seed)
-    # configs/demo.py with the same patches per epoch as the demo (4 images x 200): 16 crops x 50
+    n_images = len(write_case(case, folder, seed))
+    # configs/demo.py with the same patches per epoch as the demo (4 images x 200 = 800)
     # With a time budget (minutes, whole run) the epochs are only a ceiling: the budget stops training.
     budget_keys = {"time_budget_minutes": budget, "num_epochs": 100000, "early_stopping": False} if budget else {}
     cfg = api.load_config(config, input_dir=str(folder / "noisy"), output_dir=str(folder / "run"),
                           clean_dir=str(folder / "clean"),
-                          **{"num_epochs": epochs, "stage1.patches_per_image": 50,
-                             "stage2.patches_per_image": 50, **budget_keys, **overrides})
+                          **{"num_epochs": epochs, "stage1.patches_per_image": max(1, 800 // n_images),
+                             "stage2.patches_per_image": max(1, 800 // n_images), **budget_keys, **overrides})
     t0 = time.perf_counter()
     summary = api.run(cfg)
     seconds = time.perf_counter() - t0
