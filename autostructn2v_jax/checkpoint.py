@@ -15,6 +15,7 @@ import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,19 @@ def _manager(path: pathlib.Path) -> ocp.CheckpointManager:
         max_to_keep=1, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True
     )
     return ocp.CheckpointManager(path.resolve(), options=options)
+
+
+def _to_host(tree: Any) -> Any:
+    """Replicated device arrays as host numpy copies (the local replica; orbax writes numpy leaves
+    from process 0 only). Orbax's per-leaf handling of device arrays costs about 1 ms a leaf, numpy
+    about 0.6 ms: a features-8 stage commit (about 230 leaves) fell from 0.27 to 0.15 s. Leaves that
+    are not fully replicated stay device arrays, for orbax's own sharded writes."""
+    def host(x):
+        if isinstance(x, jax.Array) and x.sharding.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return x
+
+    return jax.tree.map(host, tree)
 
 
 def _abstract(tree: Any) -> Any:
@@ -40,8 +54,8 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, best: Any, meta: dict) -> None:
         """Commit one epoch: train state, best variables and loop metadata, all or nothing."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  best=ocp.args.StandardSave(best), meta=ocp.args.JsonSave(meta))
+        args = ocp.args.Composite(state=ocp.args.StandardSave(_to_host(state)),
+                                  best=ocp.args.StandardSave(_to_host(best)), meta=ocp.args.JsonSave(meta))
         with jax.transfer_guard("allow"):
             self.manager.save(step, args=args, force=True)
 

@@ -195,16 +195,22 @@ def make_eval_fn(apply_fn: Callable) -> Callable:
     """fn(variables, val_set) -> masked MSE over the whole fixed validation set (a device scalar)."""
 
     @jax.jit
-    def batch_sums(variables, inputs, targets, masks):
+    def add_batch(variables, val_set, i, sums):
+        inputs, targets, masks = (a[i] for a in val_set)  # a traced index: no per-batch slicing op
         out = apply_fn(variables, inputs[..., None], train=False)[..., 0]
-        return jnp.stack([jnp.sum(masks * (out - targets) ** 2), jnp.sum(masks)])
+        return sums + jnp.stack([jnp.sum(masks * (out - targets) ** 2), jnp.sum(masks)])
+
+    @jax.jit
+    def ratio(sums):
+        return sums[0] / jnp.maximum(sums[1], 1.0)
 
     def run(variables, val_set):
-        inputs, targets, masks = val_set
-        # A host loop over the few validation batches (not lax.scan: slow on CPU, see above);
-        # the sums stay on the device.
-        total = sum(batch_sums(variables, inputs[i], targets[i], masks[i]) for i in range(inputs.shape[0]))
-        return total[0] / jnp.maximum(total[1], 1.0)
+        # A host loop over the few validation batches (not lax.scan: slow on CPU, see above), one
+        # compiled call each; the sums stay on the device.
+        sums = jnp.zeros((2,), jnp.float32)
+        for i in range(val_set[0].shape[0]):
+            sums = add_batch(variables, val_set, i, sums)
+        return ratio(sums)
 
     return run
 
@@ -258,8 +264,10 @@ def _variables(state: TrainState) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
+@jax.jit
 def _copy(tree):
-    """A device copy (the train state's buffers are donated to the next step)."""
+    """A device copy (the train state's buffers are donated to the next step), in one compiled call
+    rather than one dispatch per leaf."""
     return jax.tree.map(jnp.copy, tree)
 
 
@@ -359,8 +367,7 @@ def train_stage(
                 if cosine:  # a host-side scalar per dispatch: no device round trip
                     lr_now = base_lr * policy.warmup_cosine(progress_fraction(),
                                                             float(general_cfg.warmup_fraction))
-                    state = state._replace(learning_rate=jax.device_put(
-                        jnp.asarray(lr_now, jnp.float32), replicated))
+                    state = state._replace(learning_rate=jax.device_put(np.float32(lr_now), replicated))
                 if losses and budget_seconds is not None:
                     losses[-1].block_until_ready()  # one dispatch in flight: the clock is honest
                     if time_left() <= 0:

@@ -1,6 +1,7 @@
 """End to end: does the automatic mask make stage 2 beat stage 1? (small networks, CPU-sized)
 
     python benchmarks/mask_e2e.py [--cases gauss1,box3,line7@45,disc2,white,poisson] [--seeds 1]
+    python benchmarks/mask_e2e.py --cases ring --epochs 15 --set stage2.patch_size=64
 
 Per case: 4 noisy 128x128 synthetic cell images (`noise_family.add_noise`), the full pipeline
 (stage 1, mask from the raw images with the default extractor, stage 2) with the small config of
@@ -32,7 +33,10 @@ def main() -> None:
     parser.add_argument("--cases", default="gauss1,box3,line7@45,disc2,white,poisson")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override on top of the small config, e.g. stage2.patch_size=64")
     args = parser.parse_args()
+    overrides = [item.split("=", 1) for item in args.set]
     ks = F.kernels()
     print("| case | seed | noisy | stage 1 | stage 2 | stage 2 - stage 1 | mask |")
     print("|---|---|---|---|---|---|---|")
@@ -49,6 +53,13 @@ def main() -> None:
                     tifffile.imwrite(root / "noisy" / f"{i}.tif", F.add_noise(rng, c, case, ks.get(case)))
                 cfg = small_config(root, root / "run", seed=seed, epochs=args.epochs)
                 cfg.stage2.mask_source = "extractor"
+                for key, value in overrides:
+                    *parents, leaf = key.split(".")
+                    node = cfg
+                    for name in parents:
+                        node = node[name]
+                    old = node[leaf]
+                    node[leaf] = value.lower() == "true" if isinstance(old, bool) else type(old)(value)
                 t0 = time.perf_counter()
                 summary = pipeline.run_pipeline(cfg)
                 p = summary["psnr"]["mean"]

@@ -13,7 +13,9 @@ from autostructn2v_jax import synth
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 TINY = {"num_epochs": 1, "stage1.features": 8, "stage1.patch_size": 32, "stage1.patches_per_image": 8,
-        "stage1.num_val_patches": 8, "stage1.predict_tile_size": 64}
+        "stage1.num_val_patches": 8, "stage1.predict_tile_size": 64,
+        # the CLI tests' stage-1 shapes (one compile in the persistent cache), plain predictions
+        "stage1.batch_size": 4, "tta": "off"}
 
 
 @pytest.mark.slow

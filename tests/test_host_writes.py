@@ -77,6 +77,7 @@ def test_pipeline_on_a_second_process_leaves_only_checkpoints(main_process, tmp_
     cfg.num_epochs = 1
     s = cfg.stage1
     s.features, s.patch_size, s.patches_per_image, s.num_val_patches, s.predict_tile_size = 8, 32, 8, 8, 64
+    s.batch_size, cfg.tta = 4, "off"  # the CLI tests' stage-1 shapes; plain predictions
     summary = pipeline.run_pipeline(cfg)
     assert summary["stages"]["stage1"]["epochs"] == 1  # trained in either case
     files = _files(tmp_path / "run")

@@ -100,7 +100,8 @@ def test_sharded_training_through_cli(tmp_path):
            f"--config.input_dir={tmp_path / 'data' / 'noisy'}", f"--config.output_dir={run}",
            "--config.num_epochs=1", "--config.stage1.features=8", "--config.stage1.batch_size=8",
            "--config.stage1.patches_per_image=16", "--config.stage1.num_val_patches=8",
-           "--config.stage1.predict_tile_size=64", "--config.cpu_devices=4"]
+           "--config.stage1.predict_tile_size=64", "--config.stage1.patch_size=32", "--config.tta=off",
+           "--config.cpu_devices=4"]
     env = {k: v for k, v in _env().items() if k != "XLA_FLAGS"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
