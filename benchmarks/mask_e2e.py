@@ -25,7 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "tests"))
 import noise_family as F  # noqa: E402
 from test_quality import small_config  # noqa: E402
 
-from autostructn2v_jax import pipeline  # noqa: E402
+from autostructn2v_jax import config, pipeline  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +36,6 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override on top of the small config, e.g. stage2.patch_size=64")
     args = parser.parse_args()
-    overrides = [item.split("=", 1) for item in args.set]
     ks = F.kernels()
     print("| case | seed | noisy | stage 1 | stage 2 | stage 2 - stage 1 | mask |")
     print("|---|---|---|---|---|---|---|")
@@ -53,13 +52,7 @@ def main() -> None:
                     tifffile.imwrite(root / "noisy" / f"{i}.tif", F.add_noise(rng, c, case, ks.get(case)))
                 cfg = small_config(root, root / "run", seed=seed, epochs=args.epochs)
                 cfg.stage2.mask_source = "extractor"
-                for key, value in overrides:
-                    *parents, leaf = key.split(".")
-                    node = cfg
-                    for name in parents:
-                        node = node[name]
-                    old = node[leaf]
-                    node[leaf] = value.lower() == "true" if isinstance(old, bool) else type(old)(value)
+                config.apply_overrides(cfg, args.set)
                 t0 = time.perf_counter()
                 summary = pipeline.run_pipeline(cfg)
                 p = summary["psnr"]["mean"]

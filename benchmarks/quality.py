@@ -5,7 +5,8 @@
     python benchmarks/quality.py --rescore --out bench_quality                    # tables of runs made
 
 Clean images: every non-overlapping 128x128 crop ([0, 1]) of scikit-image's bundled camera,
-coins, moon and brick images (54 crops: the data of issue 12), or 16 synthetic cell images (`synth.clean_image`, 128x128). Cases: `white`
+coins, moon and brick images (54 crops: the data of issue 12), or 16 synthetic cell images
+(`synth.clean_image`, 128x128). Cases: `white`
 (Gaussian sigma 0.1) and `hcorr` (N(0,1) convolved along x with a length-5 box, rescaled to std
 0.08, plus independent Gaussian std 0.04) on the photo crops (the same noisy crops as
 `benchmarks/classical.py` and `benchmarks/posterior.py`), and `cells_white` / `cells_hcorr` on the
@@ -40,14 +41,22 @@ NAMES = ("camera", "coins", "moon", "brick")
 CASES = ("white", "hcorr", "cells_white", "cells_hcorr")
 
 
-def clean_crops(size: int = 128, per_image: int = 4, seed: int = 0) -> list[np.ndarray]:
+def _photos() -> list[np.ndarray]:
+    """The four bundled photos as float32 in [0, 1]."""
     import skimage.data
 
-    rng = np.random.default_rng(seed)
-    crops = []
+    out = []
     for name in NAMES:
         img = getattr(skimage.data, name)().astype(np.float32)
-        img = (img - img.min()) / max(float(img.max() - img.min()), 1e-6)
+        out.append((img - img.min()) / max(float(img.max() - img.min()), 1e-6))
+    return out
+
+
+def clean_crops(size: int = 128, per_image: int = 4, seed: int = 0) -> list[np.ndarray]:
+    """``per_image`` random ``size`` crops of each photo (the 16-crop set of earlier sessions)."""
+    rng = np.random.default_rng(seed)
+    crops = []
+    for img in _photos():
         for _ in range(per_image):
             y = int(rng.integers(0, img.shape[0] - size + 1))
             x = int(rng.integers(0, img.shape[1] - size + 1))
@@ -58,15 +67,8 @@ def clean_crops(size: int = 128, per_image: int = 4, seed: int = 0) -> list[np.n
 def grid_crops(size: int = 128) -> list[np.ndarray]:
     """Every non-overlapping ``size`` crop of the four photos, row by row (54 at 128): the data set of
     issue 12, on which its NL-means and BM3D figures were made."""
-    import skimage.data
-
-    crops = []
-    for name in NAMES:
-        img = getattr(skimage.data, name)().astype(np.float32)
-        img = (img - img.min()) / max(float(img.max() - img.min()), 1e-6)
-        crops += [img[y:y + size, x:x + size].copy() for y in range(0, img.shape[0] - size + 1, size)
-                  for x in range(0, img.shape[1] - size + 1, size)]
-    return crops
+    return [img[y:y + size, x:x + size].copy() for img in _photos()
+            for y in range(0, img.shape[0] - size + 1, size) for x in range(0, img.shape[1] - size + 1, size)]
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
