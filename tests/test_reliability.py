@@ -25,7 +25,11 @@ def _cmd(data_dir: pathlib.Path, run: pathlib.Path) -> list[str]:
             "--config", str(ROOT / "configs/stage1_only.py"),
             f"--config.input_dir={data_dir}", f"--config.output_dir={run}",
             "--config.num_epochs=5", "--config.early_stopping=false", "--config.stage1.features=8",
-            "--config.stage1.batch_size=4", "--config.stage1.patches_per_image=24",
+            # the CLI tests' stage-1 shapes (helpers.TINY: patch 32, batch 4, no TTA), so the step,
+            # validation and prediction come from the shared compile cache; 96 patches per image
+            # keep each epoch long enough (48 steps) for the kill to land before the run ends
+            "--config.stage1.patch_size=32", "--config.tta=off",
+            "--config.stage1.batch_size=4", "--config.stage1.patches_per_image=96",
             "--config.stage1.num_val_patches=8", "--config.stage1.steps_per_dispatch=2",
             "--config.stage1.predict_tile_size=64"]
 
