@@ -201,8 +201,30 @@ class UpConv2x2(nn.Module):
         return depth_to_space_2x2(y, self.features) + bias.astype(x.dtype)
 
 
-def _reflect_pad1(x: jax.Array) -> jax.Array:
+def _reflect_pad1_slices(x: jax.Array) -> jax.Array:
+    """Reflect padding by 1 pixel of NHWC ``x`` as ``jnp.pad`` writes it (slices + concatenate)."""
     return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+
+
+def _reflect_pad1_take(x: jax.Array) -> jax.Array:
+    """The same padding as two gathers with constant indices (``1, 0..n-1, n-2`` per axis).
+
+    XLA:CPU compiles the slice-and-concatenate fusion of ``jnp.pad`` slowly: about 80 ms of LLVM
+    time per padded layer, most of a small network's compile (docs/benchmarks.md, "Test suite
+    time"). The gathers compile in a fraction of that; the values are the same copies.
+    """
+    h, w = x.shape[1:3]
+    rows = np.concatenate([[1], np.arange(h), [h - 2]])
+    cols = np.concatenate([[1], np.arange(w), [w - 2]])
+    return jnp.take(jnp.take(x, rows, axis=1, mode="clip"), cols, axis=2,
+                    mode="clip")
+
+
+def _reflect_pad1(x: jax.Array) -> jax.Array:
+    """Reflect padding by 1 pixel: gathers on CPU (compile time), ``jnp.pad`` elsewhere."""
+    if jax.default_backend() == "cpu":
+        return _reflect_pad1_take(x)
+    return _reflect_pad1_slices(x)
 
 
 CONV_IMPLS = ("auto", "xla", "edges")

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from autostructn2v_jax import models as models_mod
 from autostructn2v_jax.errors import ConfigError
 from autostructn2v_jax.models import (
     CONV_IMPLS,
@@ -338,6 +339,20 @@ def test_reflect_conv_equals_lax_conv_on_reflect_padded_input(impl, shape):
         scale = float(jnp.max(jnp.abs(r)))
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=0, atol=2e-6 * max(scale, 1.0),
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 2, 1), (2, 5, 7, 3)])
+def test_reflect_pad_forms_equal_numpy_reflect(shape):
+    # both paddings (gathers on CPU, jnp.pad's slices elsewhere) run here, values and gradients
+    x, g = _rand(40, shape), _rand(41, (shape[0], shape[1] + 2, shape[2] + 2, shape[3]))
+    ref = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    grads = []
+    for pad in (models_mod._reflect_pad1_take, models_mod._reflect_pad1_slices):
+        y, vjp = jax.vjp(jax.jit(pad), x)
+        np.testing.assert_array_equal(np.asarray(y), ref)
+        grads.append(np.asarray(vjp(g)[0]))
+    np.testing.assert_allclose(grads[0], grads[1], atol=1e-6)
+    assert models_mod._reflect_pad1 is not None and jax.default_backend() == "cpu"
 
 
 def test_reflect_conv_edges_sees_the_reflected_border():
