@@ -127,6 +127,27 @@ class ImageBank(NamedTuple):
     weights: Any
 
 
+def roi_grid_size(shape: tuple[int, int], patch_size: int) -> int:
+    """How many corners :func:`roi_candidates` can return for a plane of ``shape``: its whole grid."""
+    p = int(patch_size)
+    stride = max(1, p // 4)
+    return len(_corner_grid(int(shape[0]), p, stride)) * len(_corner_grid(int(shape[1]), p, stride))
+
+
+def _pad_rows(corners: np.ndarray, weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Corners and weights padded to ``size`` rows: the most the planes' ROI grids can give.
+
+    The ROI candidate count depends on the image content, and it is a shape of the compiled train
+    step: without padding every dataset compiles its own step (a persistent-cache miss of seconds
+    to minutes). Padded to the grid size, the bank's shapes depend only on the planes' shapes.
+    Padding rows repeat the last real corner with weight 0, so they are never drawn, and the draws
+    are those of the unpadded bank (same cumulative weights).
+    """
+    pad = size - len(corners)
+    return (np.concatenate([corners, np.repeat(corners[-1:], pad, axis=0)]),
+            np.concatenate([weights, np.zeros(pad, weights.dtype)]))
+
+
 def make_bank(planes: Sequence[np.ndarray], patch_size: int, use_roi: bool = False,
               roi_threshold: float = ROI_THRESHOLD, scale_factor: float = ROI_SCALE_FACTOR,
               select_background: bool = ROI_SELECT_BACKGROUND) -> ImageBank:
@@ -136,7 +157,9 @@ def make_bank(planes: Sequence[np.ndarray], patch_size: int, use_roi: bool = Fal
     Random mode (``use_roi=False``): one row ``(i, -1, -1)`` per plane weighted by its number of
     valid corners ``(H-P+1)(W-P+1)``, so every valid patch of every plane is equally likely.
     ROI mode: rows are the :func:`roi_candidates` of every plane, uniformly weighted (the defaults
-    select background: ``ROI_THRESHOLD``, ``ROI_SCALE_FACTOR``, ``ROI_SELECT_BACKGROUND``).
+    select background: ``ROI_THRESHOLD``, ``ROI_SCALE_FACTOR``, ``ROI_SELECT_BACKGROUND``), then
+    zero-weight rows up to the planes' whole ROI grids (:func:`_pad_rows`: one compiled train step
+    per set of plane shapes, not per dataset).
     """
     p = int(patch_size)
     if len(planes) == 0:
@@ -160,6 +183,7 @@ def make_bank(planes: Sequence[np.ndarray], patch_size: int, use_roi: bool = Fal
             rows.append(np.concatenate([np.full((len(c), 1), i, np.int32), c], axis=1))
         corners = np.concatenate(rows, axis=0).astype(np.int32)
         weights = np.full(len(corners), 1.0 / len(corners), np.float64)
+        corners, weights = _pad_rows(corners, weights, sum(roi_grid_size(a.shape, p) for a in arrs))
     else:
         corners = np.stack([np.arange(len(arrs)), np.full(len(arrs), -1), np.full(len(arrs), -1)],
                            axis=1).astype(np.int32)

@@ -29,3 +29,28 @@ def pytest_collection_modifyitems(config, items):
     """Run the tests that train first: with several xdist workers the long ones then overlap and
     the short ones fill the gaps at the end, instead of two long tests finishing last."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: order kept within
+
+
+
+# Opt-in: AUTOSTRUCTN2V_COMPILE_LOG=/tmp/c writes one JSON line per JAX monitoring event (compile
+# and cache durations, with the function name) and the test it happened in, to /tmp/c.<pid>: where
+# the suite's compile time goes and which tests compile the same step twice (docs/benchmarks.md,
+# "Test suite time").
+if os.environ.get("AUTOSTRUCTN2V_COMPILE_LOG"):
+    import json
+
+    import pytest
+
+    _log = open(f"{os.environ['AUTOSTRUCTN2V_COMPILE_LOG']}.{os.getpid()}", "a")
+    _current = {"test": "collect"}
+
+    def _listener(event, duration, **kw):
+        _log.write(json.dumps([_current["test"], event, duration, {k: str(v) for k, v in kw.items()}]) + "\n")
+        _log.flush()
+
+    jax.monitoring.register_event_duration_secs_listener(_listener)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        _current["test"] = item.nodeid
+        yield

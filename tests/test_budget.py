@@ -12,6 +12,7 @@ import pytest
 from autostructn2v_jax import config as config_lib
 from autostructn2v_jax import masking, policy, preprocess, train
 from autostructn2v_jax.errors import ConfigError
+from helpers import TRAIN_PLANE
 
 
 def test_stage_budgets_split_and_override():
@@ -59,7 +60,7 @@ def _cfg(**top):
 
 def _planes(seed, n):
     rng = np.random.default_rng(seed)
-    return [preprocess.normalize(rng.random((64, 64)).astype(np.float32))[0] for _ in range(n)]
+    return [preprocess.normalize(rng.random(TRAIN_PLANE).astype(np.float32))[0] for _ in range(n)]
 
 
 @pytest.mark.slow

@@ -550,3 +550,30 @@ def test_augment_single_and_batch():
     np.testing.assert_array_equal(np.asarray(turned), np.asarray(out_a))
     with pytest.raises(ValueError):
         sampling.augment(jax.random.PRNGKey(0), jnp.zeros((4, 5)))
+
+
+def test_roi_bank_rows_padded_to_a_bucket_and_never_drawn():
+    """The ROI candidate count depends on the content; padded to the whole corner grid, two datasets
+    of the same plane shapes give the same bank shapes (one compiled train step), and the
+    zero-weight padding rows change no draw."""
+    rng = np.random.default_rng(0)
+    p = 16
+    a = [rng.random((64, 64)).astype(np.float32) for _ in range(2)]
+    b = [_square_image().astype(np.float32)[:64, :64] + 0.1 * rng.random((64, 64)).astype(np.float32)
+         for _ in range(2)]
+    banks = [sampling.make_bank(planes, p, use_roi=True) for planes in (a, b)]
+    real = [int((bank.weights > 0).sum()) for bank in banks]
+    assert real[0] != real[1]  # the contents give different candidate counts ...
+    assert banks[0].corners.shape == banks[1].corners.shape  # ... but one bank shape
+    for bank, n in zip(banks, real):
+        assert len(bank.corners) == 2 * sampling.roi_grid_size((64, 64), p) == 2 * 13 * 13 > n
+        np.testing.assert_allclose(bank.weights.sum(), 1.0, rtol=1e-5)
+        assert (bank.corners[n:] == bank.corners[n - 1]).all()  # padding repeats a real corner
+    # the draws of the padded bank are those of the unpadded one
+    bank = banks[1]
+    n = real[1]
+    unpadded = sampling.ImageBank(bank.images, bank.shapes, bank.corners[:n], bank.weights[:n])
+    key = jax.random.PRNGKey(4)
+    out = np.asarray(_sample(key, jax.device_put(bank), patch_size=p, batch_size=256))
+    ref = np.asarray(_sample(key, jax.device_put(unpadded), patch_size=p, batch_size=256))
+    np.testing.assert_array_equal(out, ref)

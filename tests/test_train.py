@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from autostructn2v_jax import config as config_lib
-from autostructn2v_jax import masking, models, preprocess, sampling, train
+from autostructn2v_jax import masking, models, parallel, preprocess, sampling, train
 from autostructn2v_jax.errors import TrainingDivergedError
+from helpers import TRAIN_PLANE
 
 
 def _cfg(num_epochs=2, **stage):
@@ -24,9 +25,9 @@ def _cfg(num_epochs=2, **stage):
     return cfg
 
 
-def _planes(seed=0, n=2, size=64):
+def _planes(seed=0, n=2, shape=TRAIN_PLANE):
     rng = np.random.default_rng(seed)
-    return [preprocess.normalize(rng.random((size, size)).astype(np.float32))[0] for _ in range(n)]
+    return [preprocess.normalize(rng.random(shape).astype(np.float32))[0] for _ in range(n)]
 
 
 def test_validation_set_is_fixed_and_masked():
@@ -172,7 +173,9 @@ def test_early_stopping_and_plateau(tmp_path):
 def test_train_step_learns_and_uses_fresh_masks():
     cfg = _cfg()
     spec = train.StageSpec.from_config("stage1", cfg.stage1, masking.stage1_kernel(1))
-    bank = jax.device_put(sampling.make_bank(_planes(), 32))
+    # the bank, sharding and placement of train.train_stage: the step is the shared compiled one
+    mesh = parallel.data_mesh(spec.batch_size)
+    bank = jax.device_put(sampling.make_bank(_planes(), 32, use_roi=True), parallel.replicated(mesh))
     k1, k2 = jax.random.key(0), jax.random.key(1)
     batch = jax.jit(lambda k, b: train.make_batch(k, b, spec, augment=True))  # one compile
     _, _, m1 = batch(k1, bank)
@@ -180,8 +183,8 @@ def test_train_step_learns_and_uses_fresh_masks():
     m1 = np.asarray(m1)
     assert not np.array_equal(m1, np.asarray(m2))
     assert not all(np.array_equal(m1[0], m1[i]) for i in range(1, m1.shape[0]))  # per patch
-    state = train.init_state(spec, 0, 1e-3)
-    fn = train.make_train_fn(spec, models.make_apply_fn(8, 2))
+    state = jax.device_put(train.init_state(spec, 0, 1e-3), parallel.replicated(mesh))
+    fn = train.make_train_fn(spec, models.make_apply_fn(8, 2), parallel.batch_sharding(mesh))
     losses = []
     for _ in range(6):
         state, loss = fn(state, bank, jax.random.key(0))
@@ -215,12 +218,12 @@ def test_warm_start_copies_variables_and_checks_the_network():
         train.init_state(wider, 0, 1e-3, donor)
 
 
-def _smooth_planes(seed, n=2, size=64):
+def _smooth_planes(seed, n=2, shape=TRAIN_PLANE):
     """Smooth content + white noise: a network can learn it within a few epochs."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size] / size
+    yy, xx = np.mgrid[:shape[0], :shape[1]] / max(shape)
     return [preprocess.normalize((np.sin(2 * np.pi * (rng.uniform(1, 3) * xx + rng.uniform(1, 3) * yy))
-                                  + 0.3 * rng.standard_normal((size, size))).astype(np.float32))[0]
+                                  + 0.3 * rng.standard_normal(shape)).astype(np.float32))[0]
             for _ in range(n)]
 
 
