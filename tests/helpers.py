@@ -20,8 +20,9 @@ CLI = REPO / ".venv" / "bin" / "autostructn2v"
 SIZE = 64
 # The train planes of a CLI test run (two SIZE x SIZE images, too few for an image split: each gives
 # its top half to training, see preprocess.holdout_split). Tests that call train.train_stage
-# directly train on planes of this shape, so they share the CLI runs' compiled stage-1 step
-# (the bank's shapes depend only on the planes' shapes, sampling.make_bank).
+# directly train (and validate) on two planes of this shape, so they share the CLI runs' compiled
+# stage-1 step and validation draw (the bank's shapes depend only on the planes' shapes,
+# sampling.make_bank).
 TRAIN_PLANE = (SIZE // 2, SIZE)
 
 # Tiny settings shared by every training run in the CLI tests (one compile shape for all modes).

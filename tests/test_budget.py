@@ -58,7 +58,7 @@ def _cfg(**top):
     return cfg
 
 
-def _planes(seed, n):
+def _planes(seed, n=2):
     rng = np.random.default_rng(seed)
     return [preprocess.normalize(rng.random(TRAIN_PLANE).astype(np.float32))[0] for _ in range(n)]
 
@@ -67,15 +67,15 @@ def _planes(seed, n):
 def test_budget_cuts_training_and_keeps_best(tmp_path):
     cfg = _cfg(num_epochs=1000, early_stopping=False)
     # warm the compile cache so the budget measures steps, not compilation
-    train.train_stage(_planes(0, 2), _planes(1, 1), cfg.stage1, _cfg(num_epochs=1), masking.stage1_kernel(1),
+    train.train_stage(_planes(0, 2), _planes(1), cfg.stage1, _cfg(num_epochs=1), masking.stage1_kernel(1),
                       tmp_path / "warm", name="stage1")
     # one compiled epoch (steps, validation, checkpoint) timed on this machine under its current
     # load: the budget holds about three of them, so the cut comes after several epochs anywhere
     t0 = time.perf_counter()
-    train.train_stage(_planes(0, 2), _planes(1, 1), cfg.stage1, _cfg(num_epochs=1), masking.stage1_kernel(1),
+    train.train_stage(_planes(0, 2), _planes(1), cfg.stage1, _cfg(num_epochs=1), masking.stage1_kernel(1),
                       tmp_path / "calibrate", name="stage1")
     budget = max(4.0, 3.0 * (time.perf_counter() - t0))
-    result = train.train_stage(_planes(0, 2), _planes(1, 1), cfg.stage1, cfg, masking.stage1_kernel(1),
+    result = train.train_stage(_planes(0, 2), _planes(1), cfg.stage1, cfg, masking.stage1_kernel(1),
                                tmp_path / "run", name="stage1", budget_seconds=budget)
     assert result.out_of_time and not result.stopped_early
     assert 2 <= result.epochs_run < 1000  # short epochs: several fit even on a loaded machine

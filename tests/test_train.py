@@ -47,7 +47,7 @@ def test_validation_set_is_fixed_and_masked():
 
 @pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tmp_path):
-    planes, val = _planes(0), _planes(1, 1)
+    planes, val = _planes(0), _planes(1)
     kernel = masking.stage1_kernel(1)
     full = train.train_stage(planes, val, _cfg(2).stage1, _cfg(2), kernel, tmp_path / "a", name="stage1")
     # "Interrupted" run: one epoch, then the same stage again with two epochs resumes from epoch 1.
@@ -71,7 +71,7 @@ class _Kill(Exception):
 def uninterrupted(tmp_path_factory):
     """Two epochs without interruption: (variables, metrics lines)."""
     work = tmp_path_factory.mktemp("ref")
-    result = train.train_stage(_planes(0), _planes(1, 1), _cfg(2).stage1, _cfg(2), masking.stage1_kernel(1),
+    result = train.train_stage(_planes(0), _planes(1), _cfg(2).stage1, _cfg(2), masking.stage1_kernel(1),
                                work, name="stage1")
     return result.variables, (work / "metrics.jsonl").read_text().splitlines()
 
@@ -100,7 +100,7 @@ def test_interrupted_epoch_commit_resumes_consistently(where, uninterrupted, tmp
 
     monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
     monkeypatch.setattr(train, "_write_metrics", write_metrics)
-    args = (_planes(0), _planes(1, 1), _cfg(2).stage1, _cfg(2), masking.stage1_kernel(1), tmp_path)
+    args = (_planes(0), _planes(1), _cfg(2).stage1, _cfg(2), masking.stage1_kernel(1), tmp_path)
     with pytest.raises(_Kill):
         train.train_stage(*args, name="stage1")
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -130,7 +130,7 @@ def test_nan_loss_stops_with_stage_and_step(tmp_path):
     planes = _planes(0)
     planes[0][5:60, 5:60] = np.inf  # every patch sees it
     with pytest.raises(TrainingDivergedError, match=r"stage1: loss became NaN/Inf at step \d+"):
-        train.train_stage(planes, _planes(1, 1), _cfg(1).stage1, _cfg(1), masking.stage1_kernel(1),
+        train.train_stage(planes, _planes(1), _cfg(1).stage1, _cfg(1), masking.stage1_kernel(1),
                           tmp_path, name="stage1")
     ckpts = tmp_path / "checkpoints"
     assert not ckpts.exists() or not [p for p in ckpts.iterdir() if p.name.isdigit()]
@@ -147,7 +147,7 @@ def test_no_recompilation_after_first_epoch(tmp_path):
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        train.train_stage(_planes(0), _planes(1, 1), _cfg(3).stage1, _cfg(3), masking.stage1_kernel(1),
+        train.train_stage(_planes(0), _planes(1), _cfg(3).stage1, _cfg(3), masking.stage1_kernel(1),
                           tmp_path, name="stage1", progress=epochs_seen.append)
     finally:
         jax.monitoring.clear_event_listeners()
@@ -161,7 +161,7 @@ def test_early_stopping_and_plateau(tmp_path):
     cfg = _cfg(12, learning_rate=1e-6)
     cfg.early_stopping_patience, cfg.lr_plateau_patience = 2, 1
     cfg.early_stopping_min_delta = 0.5  # nothing counts as an improvement after epoch 1
-    result = train.train_stage(_planes(0), _planes(1, 1), cfg.stage1, cfg, masking.stage1_kernel(1),
+    result = train.train_stage(_planes(0), _planes(1), cfg.stage1, cfg, masking.stage1_kernel(1),
                                tmp_path, name="stage1")
     assert result.stopped_early and result.epochs_run == 3
     lrs = [h["learning_rate"] for h in result.history]
@@ -233,7 +233,7 @@ def test_warm_started_stage_begins_where_the_donor_ended(tmp_path):
     a random network is far behind (at a learning rate too small to catch up: the variables were
     really used)."""
     kernel = masking.stage1_kernel(1)
-    planes, val = _smooth_planes(0), _smooth_planes(1, 1)
+    planes, val = _smooth_planes(0), _smooth_planes(1)
     donor = train.train_stage(planes, val, _cfg(6).stage1, _cfg(6), kernel, tmp_path / "donor", name="stage1")
     still = _cfg(1, learning_rate=1e-7)
     runs = {warm: train.train_stage(planes, val, still.stage1, still, kernel, tmp_path / str(warm), name="stage2",
