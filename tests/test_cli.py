@@ -214,8 +214,12 @@ def test_full_pipeline_with_a_centre_mask_warm_starts_stage2(tmp_path, data_dir,
     mask_path = tmp_path / "centre.npy"
     np.save(mask_path, np.ones((1, 1), bool))
     run = tmp_path / "run"
+    # stage 2 samples and masks as stage 1 does (ROI, 15 %): its step is stage 1's compiled one
+    same_task = ["--config.stage2.use_roi=true", "--config.stage2.select_background=true",
+                 "--config.stage2.mask_percentage=15"]
     rc, _, err = run_main(train_args("default.py", data_dir, run, "--config.stage2.mask_source=file",
-                                     f"--config.stage2.mask_file_path={mask_path}", "--config.tta=auto"), capsys)
+                                     f"--config.stage2.mask_file_path={mask_path}", "--config.tta=auto",
+                                     *same_task), capsys)
     assert rc == 0, err
     summary = _check_run(run, _tiffs(data_dir), ("stage1", "stage2"))
     assert summary["stages"]["stage2"]["warm_start"] is True
