@@ -58,6 +58,13 @@ def _corner_grid(n: int, p: int, stride: int) -> np.ndarray:
     return g
 
 
+def _roi_grid(shape: tuple[int, int], patch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The corner rows and columns that :func:`roi_candidates` tests: stride ``patch_size // 4``."""
+    p = int(patch_size)
+    stride = max(1, p // 4)
+    return _corner_grid(int(shape[0]), p, stride), _corner_grid(int(shape[1]), p, stride)
+
+
 def roi_candidates(plane: np.ndarray, patch_size: int, roi_threshold: float = ROI_THRESHOLD,
                    scale_factor: float = ROI_SCALE_FACTOR,
                    select_background: bool = ROI_SELECT_BACKGROUND) -> np.ndarray:
@@ -94,10 +101,7 @@ def roi_candidates(plane: np.ndarray, patch_size: int, roi_threshold: float = RO
     full = np.pad(full, ((0, h - hc), (0, w - wc)), mode="edge")
     integral = np.zeros((h + 1, w + 1), np.int64)
     integral[1:, 1:] = full.astype(np.int64).cumsum(0).cumsum(1)
-    stride = max(1, p // 4)
-    ys = _corner_grid(h, p, stride)
-    xs = _corner_grid(w, p, stride)
-    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    yy, xx = np.meshgrid(*_roi_grid((h, w), p), indexing="ij")
     counts = (integral[yy + p, xx + p] - integral[yy, xx + p] - integral[yy + p, xx]
               + integral[yy, xx])
     ok = counts >= ROI_MIN_FRACTION * p * p
@@ -129,9 +133,8 @@ class ImageBank(NamedTuple):
 
 def roi_grid_size(shape: tuple[int, int], patch_size: int) -> int:
     """How many corners :func:`roi_candidates` can return for a plane of ``shape``: its whole grid."""
-    p = int(patch_size)
-    stride = max(1, p // 4)
-    return len(_corner_grid(int(shape[0]), p, stride)) * len(_corner_grid(int(shape[1]), p, stride))
+    ys, xs = _roi_grid(shape, patch_size)
+    return len(ys) * len(xs)
 
 
 def _pad_rows(corners: np.ndarray, weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

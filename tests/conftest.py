@@ -31,7 +31,6 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: order kept within
 
 
-
 # Opt-in: AUTOSTRUCTN2V_COMPILE_LOG=/tmp/c writes one JSON line per JAX monitoring event (compile
 # and cache durations, with the function name) and the test it happened in, to /tmp/c.<pid>: where
 # the suite's compile time goes and which tests compile the same step twice (docs/benchmarks.md,

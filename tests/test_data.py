@@ -552,7 +552,7 @@ def test_augment_single_and_batch():
         sampling.augment(jax.random.PRNGKey(0), jnp.zeros((4, 5)))
 
 
-def test_roi_bank_rows_padded_to_a_bucket_and_never_drawn():
+def test_roi_bank_rows_padded_to_the_corner_grid_and_never_drawn():
     """The ROI candidate count depends on the content; padded to the whole corner grid, two datasets
     of the same plane shapes give the same bank shapes (one compiled train step), and the
     zero-weight padding rows change no draw."""
