@@ -13,6 +13,7 @@ from a seeded key: epochs are comparable and copying the input is not rewarded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -123,6 +124,11 @@ def make_batch(key: jax.Array, bank: sampling.ImageBank, spec: StageSpec, *, aug
     return inputs, patches, pred_masks
 
 
+def _step_key(spec: StageSpec) -> StageSpec:
+    """The spec as far as the compiled step sees it: the stage's name is only a label."""
+    return dataclasses.replace(spec, name="")
+
+
 def make_train_fn(spec: StageSpec, apply_fn: Callable, sharding: NamedSharding | None = None,
                   *, scan: bool | None = None) -> Callable:
     """jit(state, bank, root_key) -> (state, losses[steps_per_dispatch]).
@@ -130,7 +136,19 @@ def make_train_fn(spec: StageSpec, apply_fn: Callable, sharding: NamedSharding |
     ``scan``: run the ``steps_per_dispatch`` steps inside one ``lax.scan`` (True) or as that many
     dispatches of a one-step function (False); ``None`` asks :func:`use_scan` (per backend). Both
     draw the same keys (``fold_in(root, step)``) and give the same losses.
+
+    Cached per (spec, network, sharding, mode): a second stage or run with the same step in the
+    same process (two stages of one shape, a notebook's second run, the tests) reuses the traced
+    and compiled function instead of tracing it again (about a second of Python per trace, plus a
+    compile or a persistent-cache load).
     """
+    scan = use_scan() if scan is None else bool(scan)
+    return _cached_train_fn(_step_key(spec), apply_fn, sharding, scan)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_train_fn(spec: StageSpec, apply_fn: Callable, sharding: NamedSharding | None,
+                     scan: bool) -> Callable:
     tx = _optimizer()
 
     def one_step(state: TrainState, bank: sampling.ImageBank, root: jax.Array):
@@ -152,7 +170,7 @@ def make_train_fn(spec: StageSpec, apply_fn: Callable, sharding: NamedSharding |
         return new_state, loss
 
     k = spec.steps_per_dispatch
-    if not (use_scan() if scan is None else scan):
+    if not scan:
         # On CPU each step is its own dispatch: XLA:CPU runs a step inside a while loop
         # (lax.scan) slower than in straight-line code (docs/benchmarks.md). Dispatch is
         # asynchronous, so there is still no host round trip per step.
@@ -182,17 +200,25 @@ def make_val_set(key: jax.Array, bank: sampling.ImageBank, spec: StageSpec, coun
                  sharding: NamedSharding | None = None):
     """A fixed validation set: `count` patches with their masks (drawn once, never augmented)."""
     n_batches = max(1, math.ceil(count / spec.batch_size))
+    return _val_draw_fn(_step_key(spec), n_batches, sharding)(key, bank)  # each (n_batches, B, P, P)
+
+
+@functools.lru_cache(maxsize=32)
+def _val_draw_fn(spec: StageSpec, n_batches: int, sharding: NamedSharding | None) -> Callable:
+    """The jitted validation draw, cached like :func:`make_train_fn`'s step."""
 
     @jax.jit
     def draw(key, bank):  # the bank is an argument, not a compile-time constant
         keys = jax.random.split(key, n_batches)
         return jax.lax.map(lambda k: make_batch(k, bank, spec, augment=False, sharding=sharding), keys)
 
-    return draw(key, bank)  # each (n_batches, B, P, P)
+    return draw
 
 
+@functools.lru_cache(maxsize=32)
 def make_eval_fn(apply_fn: Callable) -> Callable:
-    """fn(variables, val_set) -> masked MSE over the whole fixed validation set (a device scalar)."""
+    """fn(variables, val_set) -> masked MSE over the whole fixed validation set (a device scalar).
+    Cached per network, like :func:`make_train_fn`."""
 
     @jax.jit
     def add_batch(variables, val_set, i, sums):
@@ -223,7 +249,7 @@ def init_state(spec: StageSpec, seed: int, learning_rate: float, init_variables:
                                           top_skip=spec.top_skip)
     else:
         variables = _checked_init(spec, init_variables)
-    opt_state = jax.jit(_optimizer().init)(variables["params"])
+    opt_state = _optimizer_init(variables["params"])
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=variables["params"],
@@ -231,6 +257,11 @@ def init_state(spec: StageSpec, seed: int, learning_rate: float, init_variables:
         opt_state=opt_state,
         learning_rate=jnp.asarray(learning_rate, jnp.float32),
     )
+
+
+@jax.jit
+def _optimizer_init(params):
+    return _optimizer().init(params)
 
 
 # --------------------------------------------------------------------------- host loop
