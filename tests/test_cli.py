@@ -21,7 +21,9 @@ from helpers import (SIZE, TINY, error_lines, noisy_image, read_tiff, run_main, 
                      temp_leftovers, to_uint16, train_args, write_clean_pairs, write_dataset)
 
 
-H_LINE = np.array([[0, 0, 0], [1, 1, 1], [0, 0, 0]], dtype=bool)
+# The custom_mask notebook's hand-drawn mask: its quick run and mode 3 here share one compiled step.
+H_LINE = np.zeros((5, 5), bool)
+H_LINE[2, :] = True
 
 
 # --------------------------------------------------------------------------- helpers
@@ -610,7 +612,7 @@ def _mask_even(p):
 
 def _mask_false_centre(p):
     m = H_LINE.copy()
-    m[1, 1] = False
+    m[2, 2] = False
     np.save(p, m)
 
 

@@ -24,11 +24,12 @@ SHARDED_STEP = textwrap.dedent(
     from autostructn2v_jax import config, masking, models, parallel, preprocess, sampling, train
     assert jax.device_count() == 4, jax.devices()
     cfg = config.base_config().stage1
-    cfg.patch_size, cfg.batch_size, cfg.features, cfg.steps_per_dispatch = 32, 8, 8, 1
+    # the smallest network: the test is about the sharding, and compile time grows with depth
+    cfg.patch_size, cfg.batch_size, cfg.features, cfg.num_layers, cfg.steps_per_dispatch = 32, 8, 4, 1, 1
     spec = train.StageSpec.from_config("stage1", cfg, masking.stage1_kernel(1))
     rng = np.random.default_rng(0)
     planes = [preprocess.normalize(rng.random((64, 64)).astype(np.float32))[0] for _ in range(2)]
-    apply_fn = models.make_apply_fn(8, 2)
+    apply_fn = models.make_apply_fn(4, 1)
     out = {{}}
     for name, mesh in (("single", jax.make_mesh((1,), ("data",), devices=jax.devices()[:1],
                                                  axis_types=(jax.sharding.AxisType.Auto,))),
@@ -98,7 +99,9 @@ def test_sharded_training_through_cli(tmp_path):
     run = tmp_path / "sharded"
     cmd = [sys.executable, "-m", "autostructn2v_jax.cli", "train", "--config", str(ROOT / "configs/stage1_only.py"),
            f"--config.input_dir={tmp_path / 'data' / 'noisy'}", f"--config.output_dir={run}",
-           "--config.num_epochs=1", "--config.stage1.features=8", "--config.stage1.batch_size=8",
+           # the smallest network (compile time grows with depth): the test is about the devices
+           "--config.num_epochs=1", "--config.stage1.features=4", "--config.stage1.num_layers=1",
+           "--config.stage1.batch_size=8",
            "--config.stage1.patches_per_image=16", "--config.stage1.num_val_patches=8",
            "--config.stage1.predict_tile_size=64", "--config.stage1.patch_size=32", "--config.tta=off",
            "--config.cpu_devices=4"]
