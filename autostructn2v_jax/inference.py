@@ -42,25 +42,54 @@ class StageModel:
         return predict.predict_image(self.variables, plane, apply_fn=self.apply_fn, num_layers=self.num_layers,
                                      tile_size=tile, halo=self.halo, batch_tiles=batch, tta=self.tta)
 
-    def finish(self, normed: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    def finish(self, normed: np.ndarray, prediction: np.ndarray, noise=None) -> np.ndarray:
         """The written output: the prediction, combined with the noisy plane itself by the
-        posterior-mean step unless ``posterior_mean`` is ``"off"``."""
+        posterior-mean step unless ``posterior_mean`` is ``"off"``. ``noise``: the noise model in
+        this plane's normalised units (see :meth:`finish_all`); None estimates it from the plane."""
         if self.posterior_mean == "off":
             return prediction
-        return posterior.posterior_step(normed, prediction, self.posterior_mean)
+        return posterior.posterior_step(normed, prediction, self.posterior_mean, noise=noise)
+
+    def pooled_noise(self, normed: list[np.ndarray], predictions: list[np.ndarray],
+                     stats: list[dict]) -> posterior.NoiseModel | None:
+        """One noise model, in raw units, for all the given planes (one acquisition): steadier than
+        a model per plane, whose estimate moves with the plane's content
+        (:func:`posterior.estimate_noise_pooled`). None with the step off or no usable plane
+        (constant or smaller than 3x3)."""
+        if self.posterior_mean == "off":
+            return None
+        usable = [(y, mu, st["std"], st["mean"]) for y, mu, st in zip(normed, predictions, stats)
+                  if min(y.shape) >= 3 and np.ptp(y) > 0]
+        return posterior.estimate_noise_pooled(usable, model=self.posterior_mean) if usable else None
+
+    def finish_all(self, normed: list[list[np.ndarray]], predictions: list[list[np.ndarray]],
+                   stats: list[list[dict]]) -> list[list[np.ndarray]]:
+        """:meth:`finish` for the planes of several files (normalised, with their stats), all with
+        one pooled noise model."""
+        flat = lambda lists: [x for xs in lists for x in xs]  # noqa: E731
+        noise = self.pooled_noise(flat(normed), flat(predictions), flat(stats))
+        return [[self.finish(y, mu, None if noise is None else noise.rescaled(st["std"], st["mean"]))
+                 for y, mu, st in zip(ys, mus, sts)] for ys, mus, sts in zip(normed, predictions, stats)]
 
     def denoise(self, normed: np.ndarray) -> np.ndarray:
         """A normalised plane in, the final output (prediction + posterior step) out."""
         return self.finish(normed, self(normed))
 
+    def denoise_files(self, files_planes: list[np.ndarray]) -> list[np.ndarray]:
+        """Raw ``(P, H, W)`` planes of several files in, float32 ``(P, H, W)`` each out, in the same
+        units: each plane is normalised on its own and predicted; the posterior step uses one noise
+        model pooled over all of them."""
+        pairs = [[preprocess.normalize(p) for p in planes] for planes in files_planes]
+        normed = [[n for n, _ in ps] for ps in pairs]
+        stats = [[st for _, st in ps] for ps in pairs]
+        finals = self.finish_all(normed, [[self(n) for n in ns] for ns in normed], stats)
+        return [np.stack([preprocess.denormalize(o, st) for o, st in zip(outs, sts)]).astype(np.float32)
+                for outs, sts in zip(finals, stats)]
+
     def denoise_planes(self, planes) -> np.ndarray:
-        """Raw ``(P, H, W)`` planes in, float32 ``(P, H, W)`` out in the same units: each plane is
-        normalised on its own, predicted and mapped back."""
-        outs = []
-        for plane in planes:
-            normed, stats = preprocess.normalize(plane)
-            outs.append(preprocess.denormalize(self.denoise(normed), stats))
-        return np.stack(outs).astype(np.float32)
+        """Raw ``(P, H, W)`` planes in, float32 ``(P, H, W)`` out in the same units (see
+        :meth:`denoise_files`)."""
+        return self.denoise_files([planes])[0]
 
 
 def uses_tta(cfg, stage_cfg) -> bool:
@@ -136,6 +165,10 @@ def predict_files(run_dir, input_path, output_dir, *, overwrite: bool = False, a
     if not parallel.is_main_process():  # the main process writes the files
         return [out_dir / path.name for path in paths]
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The in-memory files share one pooled noise model for the posterior step (large files stream
+    # strip by strip with a model per strip).
+    small = [path for path in paths if path not in large]
+    denoised = dict(zip(small, model.denoise_files([images[path][0] for path in small])))
     for path in paths:
         if path in large:
             stream.denoise_tiff(model.variables, path, out_dir / path.name, apply_fn=model.apply_fn,
@@ -143,8 +176,7 @@ def predict_files(run_dir, input_path, output_dir, *, overwrite: bool = False, a
                                 overwrite=overwrite, tta=tta, posterior_mean=model.posterior_mean)
             written.append(out_dir / path.name)
             continue
-        planes, meta = images[path]
-        tiffio.write_image(out_dir / path.name, model.denoise_planes(planes), meta, dtype=dtype,
+        tiffio.write_image(out_dir / path.name, denoised[path], images[path][1], dtype=dtype,
                            overwrite=overwrite)
         written.append(out_dir / path.name)
     log.info("%s: denoised %d file(s) with %s into %s", run_dir, len(written), name, out_dir)

@@ -88,14 +88,11 @@ def denoise_dataset(model: inference.StageModel, ds: Dataset, out_dir: pathlib.P
     posterior-mean step's pass-through of the noisy pixels."""
     write = parallel.is_main_process()
     dtype = None if cfg.output_dtype == "input" else "float32"
-    finals, raws = [], []
-    for i, path in enumerate(ds.paths):
-        raw = [model(p) for p in ds.normed[i]]
-        final = [model.finish(p, r) for p, r in zip(ds.normed[i], raw)]
-        finals.append(final)
-        raws.append(raw)
-        if write:
-            tiffio.write_image(out_dir / path.name, ds.restore(i, final), ds.meta[i], dtype=dtype,
+    raws = [[model(p) for p in planes] for planes in ds.normed]
+    finals = model.finish_all(ds.normed, raws, ds.stats)  # one noise model for the whole dataset
+    if write:
+        for i, path in enumerate(ds.paths):
+            tiffio.write_image(out_dir / path.name, ds.restore(i, finals[i]), ds.meta[i], dtype=dtype,
                                overwrite=overwrite)
     return finals, raws
 

@@ -123,3 +123,45 @@ def test_poisson_gaussian_noise_estimate():
     assert abs(eg.a) < 0.003 and np.sqrt(eg.a * 0.5 + eg.b) == pytest.approx(0.05, rel=0.08)
     with pytest.raises(ValueError, match="noise model"):
         posterior.estimate_noise(y, clean, model="histogram")
+
+
+@pytest.mark.parametrize("model", ["gaussian", "poisson_gaussian"])
+def test_pooled_estimate_of_one_plane_is_its_own_estimate_in_raw_units(model):
+    """A plane normalised by (offset, scale): the pooled estimate in raw units, rescaled to the
+    plane's units, is the plane's own estimate."""
+    rng, clean, mu = _scene(7, 128)
+    raw = 200.0 + 1000.0 * (clean + rng.standard_normal(clean.shape) * np.sqrt(0.02 * clean + 0.002))
+    offset, scale = float(raw.mean()), float(raw.std())
+    y = (raw - offset) / scale
+    mu_n = (200.0 + 1000.0 * mu - offset) / scale
+    own = posterior.estimate_noise(y, mu_n, model=model)
+    pooled = posterior.estimate_noise_pooled([(y, mu_n, scale, offset)], model=model).rescaled(scale, offset)
+    for level in (-1.0, 0.0, 1.0):
+        assert float(pooled.variance(level)) == pytest.approx(float(own.variance(level)), rel=1e-6)
+
+
+def test_pooled_estimate_pools_planes_of_different_scales_in_raw_units():
+    """Same raw noise (sigma 0.05), planes normalised with very different scales: the pooled model
+    is in raw units and turns into each plane's units with `rescaled`; with one plane whose
+    prediction is poor (large errors everywhere) the pooled estimate moves less than that plane's."""
+    rng, clean, _ = _scene(8, 96)
+    planes, truth = [], []
+    for k, (offset, scale) in enumerate([(0.0, 1.0), (5.0, 0.2), (-3.0, 7.0)]):
+        img = np.roll(clean, 17 * k, axis=1)
+        noisy = img + 0.05 * rng.standard_normal(img.shape)
+        planes.append(((noisy - offset) / scale, (img - offset) / scale, scale, offset))
+        truth.append(0.05 ** 2 / scale ** 2)
+    pooled = posterior.estimate_noise_pooled(planes)
+    assert pooled.a == 0.0 and np.sqrt(pooled.b) == pytest.approx(0.05, rel=0.05)
+    for (y, mu, scale, offset), var in zip(planes, truth):
+        assert pooled.rescaled(scale, offset).b == pytest.approx(var, rel=0.1)
+    # a plane with a bad prediction: its own estimate is far off, the pooled one much less
+    y0, mu0, s0, o0 = planes[0]
+    bad = mu0 + 0.08 * ndimage.gaussian_filter(rng.standard_normal(mu0.shape), 0.7) / 0.4
+    own_err = abs(posterior.estimate_noise(y0, bad).b / 0.05 ** 2 - 1)
+    pooled_bad = posterior.estimate_noise_pooled([(y0, bad, s0, o0), *planes[1:]])
+    assert abs(pooled_bad.b / 0.05 ** 2 - 1) < own_err / 2
+    with pytest.raises(ValueError, match="at least one plane"):
+        posterior.estimate_noise_pooled([])
+    with pytest.raises(ValueError, match="noise model"):
+        posterior.estimate_noise_pooled(planes, model="histogram")

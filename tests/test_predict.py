@@ -169,6 +169,34 @@ def test_stage_model_final_output_applies_the_posterior_step():
     assert not np.allclose(on.denoise(plane), raw)
 
 
+def test_stage_model_pools_one_noise_model_over_all_planes():
+    """`denoise_files` (the pipeline and `predict` on in-memory files) gives every plane the
+    posterior step with one noise model pooled in raw units, not a model per plane."""
+    from autostructn2v_jax import config as config_lib
+    from autostructn2v_jax import inference, posterior, preprocess
+
+    cfg = config_lib.base_config().stage1
+    cfg.features, cfg.predict_tile_size = 8, 64
+    model = inference.StageModel(init_variables(8, 2, 32, 0), cfg, posterior_mean="gaussian")
+    rng = np.random.default_rng(3)
+    files = [rng.standard_normal((2, 40, 48)).astype(np.float32) * 30 + 500,
+             rng.standard_normal((1, 64, 64)).astype(np.float32) * 5 + 10]
+    out = model.denoise_files(files)
+    pairs = [preprocess.normalize(p) for planes in files for p in planes]
+    preds = [model(n) for n, _ in pairs]
+    pooled = posterior.estimate_noise_pooled([(n, mu, st["std"], st["mean"]) for (n, st), mu in zip(pairs, preds)])
+    expect = [preprocess.denormalize(posterior.posterior_step(n, mu, noise=pooled.rescaled(st["std"], st["mean"])), st)
+              for (n, st), mu in zip(pairs, preds)]
+    got = [p for planes in out for p in planes]
+    assert [o.shape for o in out] == [f.shape for f in files]
+    for g, e in zip(got, expect):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-3)
+    # a plane's own model would differ (the planes' noise differs in raw units here)
+    own = preprocess.denormalize(posterior.posterior_step(pairs[2][0], preds[2]), pairs[2][1])
+    assert not np.allclose(own, got[2], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(model.denoise_planes(files[0]), model.denoise_files([files[0]])[0])
+
+
 def test_n2v2_network_tiles_exactly_with_its_own_receptive_field():
     """Blur-pool reaches one pixel further per pooling level: the halo from
     ``receptive_field(L, "blur", False)`` keeps tiled prediction equal to the whole frame."""
