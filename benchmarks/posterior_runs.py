@@ -8,7 +8,10 @@ predicts every noisy image once (cached in the parent as `predictions.npz`). Row
 range 1 against the clean images:
 
 * `model`: the prediction alone (`posterior_mean = off`);
-* `posterior`: the default pixel-wise step (`posterior.posterior_step`);
+* `posterior`: the default pixel-wise step, one noise model pooled over all the images in raw
+  units (`StageModel.finish_all`, as the pipeline and `predict` do);
+* `posterior, per plane`: the same step with a noise model estimated from each image alone (the
+  default before 2026-12-04);
 * `posterior, true sigma`: the same step given the true noise variance;
 * `leak-aware`: the gain corrected for the fraction ``alpha`` of the pixel's own noise that the
   network passes through at inference (it sees the pixel then), ``alpha`` per gradient bin from a
@@ -17,6 +20,11 @@ range 1 against the clean images:
 * `correlated` (structured masks only): a Wiener filter of the residual with the noise covariance
   measured on the residual at the mask's lags (flattest half of the pixels), a white prior of the
   bin's variance: ``e = IFFT(s_p^2 / (s_p^2 + S_n) * FFT(r))`` per bin.
+* `masked inference` (`--masked-inference`, structured masks only, slow): blind-spot-consistent
+  prediction. Copies of the mask are laid on a regular lattice at about the training density
+  (`stage2.mask_percentage`), replaced as in training (`local_mean`), and only the copies'
+  centres are kept; the lattice's phases cover every pixel once (passes = lattice cell area, each
+  with TTA when the run uses it). Scored without and with the pooled posterior step.
 """
 
 from __future__ import annotations
@@ -81,10 +89,39 @@ def correlated(y: np.ndarray, mu: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return mu + out
 
 
-def rows(run: pathlib.Path, seed: int = 0) -> dict:
+def masked_prediction(model, y: np.ndarray, mask: np.ndarray, percentage: float) -> np.ndarray:
+    """The prediction at every pixel with the whole mask around it hidden, as in training."""
+    import jax
+
+    from autostructn2v_jax import masking
+
+    offs = np.argwhere(mask) - np.array(mask.shape) // 2
+    (y0, x0), (y1, x1) = offs.min(0), offs.max(0)
+    cell = (int(y1 - y0) + 2, int(x1 - x0) + 2)  # the bounding box and a one-pixel gap
+    stretch = max(1, round(len(offs) / (cell[0] * cell[1]) / (percentage / 100.0)))
+    sy, sx = cell[0] * stretch, cell[1]
+    h, w = y.shape
+    out = np.zeros_like(y)
+    for py in range(sy):
+        for px in range(sx):
+            centres = np.zeros((h, w), bool)
+            centres[py::sy, px::sx] = True
+            hidden = np.zeros((h, w), bool)
+            cy, cx = np.nonzero(centres)
+            for dy, dx in offs:
+                ok = (cy + dy >= 0) & (cy + dy < h) & (cx + dx >= 0) & (cx + dx < w)
+                hidden[cy[ok] + dy, cx[ok] + dx] = True
+            replaced = masking.replace_masked(jax.random.key(py * sx + px), jnp.asarray(y),
+                                              jnp.asarray(hidden), "local_mean")
+            out[centres] = model(np.asarray(replaced))[centres]
+    return out
+
+
+def rows(run: pathlib.Path, seed: int = 0, masked_inference: bool = False) -> dict:
     folder = run.parent
-    _, _, model = inference.load_run(run)
-    mask = np.load(run / "mask" / "structural_mask.npy")
+    cfg, name, model = inference.load_run(run)
+    mask_path = run / "mask" / "structural_mask.npy"
+    mask = np.load(mask_path) if mask_path.is_file() and name == "stage2" else np.ones((1, 1), bool)
     names = sorted(p.name for p in (folder / "clean").glob("*.tif"))
     clean = [tifffile.imread(folder / "clean" / n) for n in names]
     noisy = [tifffile.imread(folder / "noisy" / n) for n in names]
@@ -106,22 +143,30 @@ def rows(run: pathlib.Path, seed: int = 0) -> dict:
     true_var = [float(((x - c) / ((x - x.mean()).std() / (y - y.mean()).std())).var())
                 for c, x, y in zip(clean, noisy, ys)]
     rng = np.random.default_rng(seed)
+    pooled = model.finish_all([ys], [mus], [stats])[0]
     out = {"model": score(mus),
-           "posterior": score([posterior.posterior_step(y, m) for y, m in zip(ys, mus)]),
+           "posterior": score(pooled),
+           "posterior, per plane": score([posterior.posterior_step(y, m) for y, m in zip(ys, mus)]),
            "posterior, true sigma": score([np.asarray(posterior.posterior_mean(y, m, v))
                                            for y, m, v in zip(ys, mus, true_var)]),
            "leak-aware": score([leak_aware(model, y, m, rng) for y, m in zip(ys, mus)])}
     if mask.sum() > 1:
         out["correlated"] = score([correlated(y, m, mask) for y, m in zip(ys, mus)])
+    if masked_inference and mask.sum() > 1:
+        hidden = [masked_prediction(model, y, mask, float(cfg.stage2.mask_percentage)) for y in ys]
+        out["masked inference"] = score(hidden)
+        out["masked inference + posterior"] = score(model.finish_all([ys], [hidden], [stats])[0])
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run folders of benchmarks/quality.py")
+    parser.add_argument("--masked-inference", action="store_true",
+                        help="also score blind-spot-consistent prediction (structured masks; slow)")
     args = parser.parse_args()
     for run in args.runs:
-        res = rows(pathlib.Path(run))
+        res = rows(pathlib.Path(run), masked_inference=args.masked_inference)
         print(f"{run}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()), flush=True)
 
 

@@ -141,9 +141,10 @@ def run_case(case: str, out: pathlib.Path, epochs: int, seed: int = 0, config: s
     t0 = time.perf_counter()
     summary = api.run(cfg)
     seconds = time.perf_counter() - t0
-    mask = np.load(folder / "run/mask/structural_mask.npy")
+    mask_path = folder / "run/mask/structural_mask.npy"  # absent when stage 2 was not run
+    mask = np.load(mask_path).astype(int).tolist() if mask_path.is_file() else None
     row = dict(case=case, seconds=seconds, budget=budget, config=config, folder=str(folder),
-               mask=summary["stages"]["stage2"]["mask"], mask_array=mask.astype(int).tolist(), **score(folder))
+               mask=summary["stages"].get("stage2", {}).get("mask", "-"), mask_array=mask, **score(folder))
     (folder / "row.json").write_text(json.dumps(row, indent=2))
     return row
 
@@ -171,9 +172,10 @@ def print_table(rows: list[dict], classical: list[dict]) -> None:
             print(f"| {case} | noisy input | - | {n['psnr']:.2f} / {n['ssim']:.3f} | - | - | - |")
         for r in mine:
             budget = f"{r['budget']:g} min" if r["budget"] else "epochs"
-            f, s1 = r["final"], r["stage1"]
+            f, s1 = r["final"], r.get("stage1")  # no stage-1 row when stage 1 was not run
+            s1_text = f"{s1['psnr']:.2f} / {s1['ssim']:.3f}" if s1 else "-"
             print(f"| {case} | ours ({r['config']}) | {budget} | **{f['psnr']:.2f}** / {f['ssim']:.3f} | "
-                  f"{s1['psnr']:.2f} / {s1['ssim']:.3f} | {r['mask']} | {r['seconds']:.0f} s |")
+                  f"{s1_text} | {r['mask']} | {r['seconds']:.0f} s |")
         for r in (r for r in classical if r["case"] == case):
             print(f"| {case} | {r['method']} | - | {r['psnr']:.2f} | - | - | {r['seconds']:.1f} s |")
 

@@ -48,8 +48,8 @@ def test_run_folder_writes_only_on_the_main_process(main_process, tmp_path):
         def __call__(self, plane):
             return plane * 0.5
 
-        def finish(self, plane, prediction):
-            return prediction + 1.0
+        def finish_all(self, normed, predictions, stats):
+            return [[p + 1.0 for p in planes] for planes in predictions]
 
     outs, raws = pipeline.denoise_dataset(Halve(), ds, run / "stage1" / "denoised", cfg)
     line = np.zeros((3, 5), bool)
