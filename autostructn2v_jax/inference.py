@@ -59,17 +59,22 @@ class StageModel:
         if self.posterior_mean == "off":
             return None
         usable = [(y, mu, st["std"], st["mean"]) for y, mu, st in zip(normed, predictions, stats)
-                  if min(y.shape) >= 3 and np.ptp(y) > 0]
+                  if _poolable(y)]
         return posterior.estimate_noise_pooled(usable, model=self.posterior_mean) if usable else None
 
     def finish_all(self, normed: list[list[np.ndarray]], predictions: list[list[np.ndarray]],
                    stats: list[list[dict]]) -> list[list[np.ndarray]]:
         """:meth:`finish` for the planes of several files (normalised, with their stats), all with
-        one pooled noise model."""
+        one pooled noise model (a plane that could not join the pool keeps its own estimate)."""
         flat = lambda lists: [x for xs in lists for x in xs]  # noqa: E731
         noise = self.pooled_noise(flat(normed), flat(predictions), flat(stats))
-        return [[self.finish(y, mu, None if noise is None else noise.rescaled(st["std"], st["mean"]))
-                 for y, mu, st in zip(ys, mus, sts)] for ys, mus, sts in zip(normed, predictions, stats)]
+
+        def one(y, mu, st):
+            own = noise is None or not _poolable(y)
+            return self.finish(y, mu, None if own else noise.rescaled(st["std"], st["mean"]))
+
+        return [[one(y, mu, st) for y, mu, st in zip(ys, mus, sts)]
+                for ys, mus, sts in zip(normed, predictions, stats)]
 
     def denoise(self, normed: np.ndarray) -> np.ndarray:
         """A normalised plane in, the final output (prediction + posterior step) out."""
@@ -90,6 +95,11 @@ class StageModel:
         """Raw ``(P, H, W)`` planes in, float32 ``(P, H, W)`` out in the same units (see
         :meth:`denoise_files`)."""
         return self.denoise_files([planes])[0]
+
+
+def _poolable(plane: np.ndarray) -> bool:
+    """Whether a normalised plane can join a pooled noise estimate (not constant, at least 3x3)."""
+    return min(plane.shape) >= 3 and bool(np.ptp(plane) > 0)
 
 
 def uses_tta(cfg, stage_cfg) -> bool:

@@ -195,6 +195,9 @@ def test_stage_model_pools_one_noise_model_over_all_planes():
     own = preprocess.denormalize(posterior.posterior_step(pairs[2][0], preds[2]), pairs[2][1])
     assert not np.allclose(own, got[2], rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(model.denoise_planes(files[0]), model.denoise_files([files[0]])[0])
+    # a constant plane cannot join the pool and keeps its own estimate (its value comes back)
+    flat_file = np.full((1, 40, 48), 7.0, np.float32)
+    np.testing.assert_allclose(model.denoise_files([files[0], flat_file])[1], flat_file, rtol=1e-6)
 
 
 def test_n2v2_network_tiles_exactly_with_its_own_receptive_field():
