@@ -49,6 +49,22 @@ def stage1_kernel(center_size: int) -> np.ndarray:
     return k
 
 
+def crop_kernel(kernel) -> np.ndarray:
+    """The smallest odd-sided, centred crop of a valid kernel that keeps all its True pixels.
+
+    Tiling depends only on the True pixels around the centre (:func:`mask_layout` trims the kernel
+    itself), so a kernel and its crop draw identical masks; a canonical form lets kernels that
+    differ only in their False border (an extracted 11x11 mask and a 1x9 file) share one compiled
+    train step.
+    """
+    k = np.asarray(kernel).astype(bool)
+    _trim_kernel(k)  # validate
+    cy, cx = k.shape[0] // 2, k.shape[1] // 2
+    rows, cols = np.nonzero(k)
+    ry, rx = int(np.abs(rows - cy).max()), int(np.abs(cols - cx).max())
+    return k[cy - ry:cy + ry + 1, cx - rx:cx + rx + 1].copy()
+
+
 class MaskLayout(NamedTuple):
     """Host-side (static) description of how ``tile_mask`` places kernel copies.
 

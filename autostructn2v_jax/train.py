@@ -82,7 +82,8 @@ class StageSpec:
             strategy=strategy,
             use_augmentation=bool(stage_cfg.use_augmentation),
             steps_per_dispatch=int(stage_cfg.steps_per_dispatch),
-            kernel=tuple(tuple(bool(v) for v in row) for row in np.asarray(kernel, bool)),
+            # canonical (cropped) kernel: the same mask with another False border, same step
+            kernel=tuple(tuple(bool(v) for v in row) for row in masking.crop_kernel(kernel)),
             pool=str(stage_cfg.get("pool", "max")),
             top_skip=bool(stage_cfg.get("top_skip", True)),
         )

@@ -15,6 +15,7 @@ from scipy import ndimage
 
 from autostructn2v_jax.errors import ConfigError
 from autostructn2v_jax.masking import (
+    crop_kernel,
     make_blind_spot_batch,
     mask_capacity,
     mask_layout,
@@ -398,3 +399,28 @@ def test_make_blind_spot_batch_jit():
     assert len({x.tobytes() for x in pm}) == 4
     for i in range(4):
         check_masks(im[i], pm[i], LINE5)
+
+
+def test_crop_kernel_is_canonical_and_draws_the_same_masks():
+    """A kernel padded with a False border crops to the same array and tiles identically, so both
+    give one train-step spec (one compile)."""
+    line = np.ones((1, 9), bool)
+    padded = np.zeros((11, 11), bool)
+    padded[5, 1:10] = True
+    np.testing.assert_array_equal(crop_kernel(padded), line)
+    np.testing.assert_array_equal(crop_kernel(line), line)
+    lopsided = np.zeros((7, 7), bool)
+    lopsided[3, 3] = lopsided[1, 4] = True  # reaches 2 rows up, 1 column right: 5x3 crop
+    assert crop_kernel(lopsided).shape == (5, 3) and crop_kernel(lopsided).sum() == 2
+    key = jax.random.key(4)
+    for a, b in ((padded, line), (lopsided, crop_kernel(lopsided))):
+        ia, pa = tile_mask(key, a, (32, 32), 10.0)
+        ib, pb = tile_mask(key, b, (32, 32), 10.0)
+        np.testing.assert_array_equal(np.asarray(ia), np.asarray(ib))
+        np.testing.assert_array_equal(np.asarray(pa), np.asarray(pb))
+    from autostructn2v_jax import config, train
+
+    cfg = config.base_config().stage2
+    assert train.StageSpec.from_config("stage2", cfg, padded) == train.StageSpec.from_config("stage2", cfg, line)
+    with pytest.raises(ValueError, match="centre"):
+        crop_kernel(np.zeros((3, 3), bool))
