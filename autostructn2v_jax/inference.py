@@ -50,31 +50,24 @@ class StageModel:
             return prediction
         return posterior.posterior_step(normed, prediction, self.posterior_mean, noise=noise)
 
-    def pooled_noise(self, normed: list[np.ndarray], predictions: list[np.ndarray],
-                     stats: list[dict]) -> posterior.NoiseModel | None:
-        """One noise model, in raw units, for all the given planes (one acquisition): steadier than
-        a model per plane, whose estimate moves with the plane's content
-        (:func:`posterior.estimate_noise_pooled`). None with the step off or no usable plane
-        (constant or smaller than 3x3)."""
-        if self.posterior_mean == "off":
-            return None
-        usable = [(y, mu, st["std"], st["mean"]) for y, mu, st in zip(normed, predictions, stats)
-                  if _poolable(y)]
-        return posterior.estimate_noise_pooled(usable, model=self.posterior_mean) if usable else None
-
     def finish_all(self, normed: list[list[np.ndarray]], predictions: list[list[np.ndarray]],
                    stats: list[list[dict]]) -> list[list[np.ndarray]]:
         """:meth:`finish` for the planes of several files (normalised, with their stats), all with
-        one pooled noise model (a plane that could not join the pool keeps its own estimate)."""
+        one noise model pooled in raw units (:func:`posterior.estimate_noise_pooled`): steadier
+        than a model per plane, whose estimate moves with the plane's content. A plane that cannot
+        join the pool (constant, smaller than 3x3) keeps its own estimate."""
         flat = lambda lists: [x for xs in lists for x in xs]  # noqa: E731
-        noise = self.pooled_noise(flat(normed), flat(predictions), flat(stats))
-
-        def one(y, mu, st):
-            own = noise is None or not _poolable(y)
-            return self.finish(y, mu, None if own else noise.rescaled(st["std"], st["mean"]))
-
-        return [[one(y, mu, st) for y, mu, st in zip(ys, mus, sts)]
-                for ys, mus, sts in zip(normed, predictions, stats)]
+        planes = list(zip(flat(normed), flat(predictions), flat(stats)))
+        usable = [_poolable(y) for y, _, _ in planes]
+        noise = None
+        if self.posterior_mean != "off" and any(usable):
+            noise = posterior.estimate_noise_pooled(
+                [(y, mu, st["std"], st["mean"]) for (y, mu, st), ok in zip(planes, usable) if ok],
+                model=self.posterior_mean)
+        outs = iter([self.finish(y, mu, noise.rescaled(st["std"], st["mean"])
+                                 if noise is not None and ok else None)
+                     for (y, mu, st), ok in zip(planes, usable)])
+        return [[next(outs) for _ in ys] for ys in normed]  # back into the files' grouping
 
     def denoise(self, normed: np.ndarray) -> np.ndarray:
         """A normalised plane in, the final output (prediction + posterior step) out."""

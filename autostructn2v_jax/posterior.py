@@ -102,8 +102,7 @@ def estimate_noise(noisy, prediction=None, *, model: str = "gaussian", bins: int
     prediction, or a 3x3 mean) of those pixels; if the fitted slope is not positive the Gaussian
     estimate is returned.
     """
-    if model not in NOISE_MODELS:
-        raise ValueError(f"unknown noise model {model!r}; use one of {NOISE_MODELS}")
+    _check_model(model)
     y = np.asarray(noisy, np.float64)
     if y.ndim < 2 or min(y.shape[-2:]) < 3:
         raise ValueError(f"estimate_noise needs images of at least 3x3 pixels, got shape {y.shape}")
@@ -135,8 +134,7 @@ def estimate_noise_pooled(planes, *, model: str = "gaussian", bins: int = 16,
     per-plane estimates ranged over 0.77-1.61x the true variance and the pooled one was 0.94x,
     +0.1 dB after the posterior step (docs/benchmarks.md).
     """
-    if model not in NOISE_MODELS:
-        raise ValueError(f"unknown noise model {model!r}; use one of {NOISE_MODELS}")
+    _check_model(model)
     rs, signals = [], []
     for y, mu, scale, offset in planes:
         y, mu = np.asarray(y, np.float64), np.asarray(mu, np.float64)
@@ -150,6 +148,11 @@ def estimate_noise_pooled(planes, *, model: str = "gaussian", bins: int = 16,
     if not rs:
         raise ValueError("estimate_noise_pooled needs at least one plane")
     return _fit(np.concatenate(rs), np.concatenate(signals), model, bins)
+
+
+def _check_model(model: str) -> None:
+    if model not in NOISE_MODELS:
+        raise ValueError(f"unknown noise model {model!r}; use one of {NOISE_MODELS}")
 
 
 def _fit(r: np.ndarray, signal: np.ndarray, model: str, bins: int) -> NoiseModel:
