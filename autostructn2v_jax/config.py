@@ -339,7 +339,7 @@ DESCRIPTIONS = {
     "early_stopping_min_delta": "relative improvement that counts",
     "lr_plateau_factor": "learning rate factor on a validation plateau (ReduceLROnPlateau)",
     "lr_plateau_patience": "epochs without improvement before the learning rate is reduced",
-    "time_budget_minutes": "training time limit in minutes (0 = none). At the top level it is split over the stages trained (stage 1 half, stage 2 the rest); a stage's own value overrides its share. When it runs out the stage validates, keeps its best model, then predicts and reports",
+    "time_budget_minutes": "training time limit in minutes (0 = none). At the top level it is split over the stages trained (stage 1 half, or a fifth when a structured stage-2 mask is known before it trains; stage 2 the rest); a stage's own value overrides its share. When it runs out the stage validates, keeps its best model, then predicts and reports",
     "lr_schedule": "auto (cosine with a time budget, plateau without), plateau (ReduceLROnPlateau), cosine (warm-up then cosine to 0 over the budget or num_epochs)",
     "warmup_fraction": "cosine schedule: fraction of the budget (or of the steps) spent warming the learning rate up from 0",
     "posterior_mean": "final step after each stage's prediction: combine it with the noisy pixel itself (posterior mean, noise model estimated from the data): off, gaussian or poisson_gaussian",

@@ -272,13 +272,20 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
 
     stage1_out = stage1_variables = stage1_kernel = None
     trained_seconds = 0.0  # training time so far: stage 2's budget is what the run has left
+    # A mask from the raw images or a file is found first: when it is structured, stage 2 makes the
+    # final output alone and gets the larger share of a time budget (policy.stage1_share).
+    early_mask = None
+    if cfg.run_stage2 and cfg.stage2.mask_source in ("extractor", "file"):
+        early_mask = find_mask(cfg, ds, ds.flat(), run_dir, mask_file)
     if cfg.run_stage1:
         s1 = cfg.stage1
         kernel = masking.stage1_kernel(int(s1.mask_center_size))
         train_p, val_p, _ = split_planes(ds, cfg, int(s1.patch_size))
         result = train.train_stage(train_p, val_p, s1, cfg, kernel, run_dir / "stage1", name="stage1",
                                    progress=(lambda r: progress("stage1", r)) if progress else None,
-                                   budget_seconds=policy.stage_budget_seconds(cfg, "stage1"))
+                                   budget_seconds=policy.stage_budget_seconds(
+                                       cfg, "stage1", stage1_share=policy.stage1_share(
+                                           early_mask[0] if early_mask else None)))
         trained_seconds += result.seconds
         stage1_variables, stage1_kernel = result.variables, kernel
         inference.save_model_json(run_dir / "stage1", s1, kernel, "stage1")
@@ -294,15 +301,13 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
     if cfg.run_stage2:
         s2 = cfg.stage2
         train_p, val_p, _ = split_planes(ds, cfg, int(s2.patch_size))
-        source = s2.mask_source
-        if source in ("stage1", "stage1_residual"):
+        if early_mask is not None:
+            kernel, info = early_mask
+        else:  # the mask comes from stage 1's output
             flat_out = [p for planes in stage1_out for p in planes]
-            if source == "stage1_residual":
+            if s2.mask_source == "stage1_residual":
                 flat_out = [n - o for n, o in zip(ds.flat(), flat_out)]
-            acf_planes = flat_out
-        else:
-            acf_planes = ds.flat()
-        kernel, info = find_mask(cfg, ds, acf_planes, run_dir, mask_file)
+            kernel, info = find_mask(cfg, ds, flat_out, run_dir, mask_file)
         warm = warm_start_variables(cfg, stage1_variables, stage1_kernel, kernel)
         result = train.train_stage(train_p, val_p, s2, cfg, kernel, run_dir / "stage2", name="stage2",
                                    progress=(lambda r: progress("stage2", r)) if progress else None,

@@ -95,14 +95,20 @@ def after_epoch(loop: LoopState, val_loss: float, policy: Policy) -> Decision:
 #: Share of a run's time budget that stage 1 gets when both stages train (stage 2 gets the rest,
 #: including whatever stage 1 did not use).
 STAGE1_BUDGET_SHARE = 0.5
+#: Stage 1's share when the stage-2 mask is known before stage 1 trains (found on the raw images or
+#: given as a file) and is structured. Stage 1 cannot remove correlated noise, so the final output
+#: is stage 2's alone and stage 1's model only shows what is left (docs/benchmarks.md, "Budget
+#: split").
+STAGE1_SHARE_STRUCTURED = 0.2
 LR_SCHEDULES = ("auto", "plateau", "cosine")
 
 
-def stage_budget_seconds(cfg, name: str, used_seconds: float = 0.0) -> float | None:
+def stage_budget_seconds(cfg, name: str, used_seconds: float = 0.0,
+                         stage1_share: float = STAGE1_BUDGET_SHARE) -> float | None:
     """Training-time limit of stage ``name`` in seconds, or None for no limit.
 
     A stage's own ``time_budget_minutes`` wins; otherwise the run's ``time_budget_minutes`` is
-    split: stage 1 gets ``STAGE1_BUDGET_SHARE`` of it when stage 2 also trains, stage 2 gets what
+    split: stage 1 gets ``stage1_share`` of it when stage 2 also trains, stage 2 gets what
     the run has left after ``used_seconds`` of earlier training (never less than zero).
     """
     own = float(cfg[name].time_budget_minutes)
@@ -112,8 +118,18 @@ def stage_budget_seconds(cfg, name: str, used_seconds: float = 0.0) -> float | N
     if total <= 0:
         return None
     if name == "stage1":
-        return 60.0 * total * (STAGE1_BUDGET_SHARE if cfg.run_stage2 else 1.0)
+        return 60.0 * total * (stage1_share if cfg.run_stage2 else 1.0)
     return max(60.0 * total - used_seconds, 0.0)
+
+
+def stage1_share(mask_before_stage1) -> float:
+    """Stage 1's share of the run's budget: ``STAGE1_SHARE_STRUCTURED`` when the stage-2 mask is
+    already known and hides more than its centre, ``STAGE1_BUDGET_SHARE`` otherwise (the mask
+    comes from stage 1's output, or it is the centre alone and stage 2 continues stage 1's
+    training, so the split does not change the final model's steps)."""
+    if mask_before_stage1 is not None and int(mask_before_stage1.sum()) > 1:
+        return STAGE1_SHARE_STRUCTURED
+    return STAGE1_BUDGET_SHARE
 
 
 def uses_cosine(schedule: str, has_budget: bool) -> bool:

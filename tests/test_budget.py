@@ -29,6 +29,22 @@ def test_stage_budgets_split_and_override():
     assert policy.stage_budget_seconds(cfg, "stage1") == pytest.approx(120.0)
 
 
+def test_stage1_share_shrinks_only_for_a_structured_mask_known_first():
+    cfg = config_lib.base_config()
+    cfg.time_budget_minutes = 10.0
+    line = np.zeros((3, 9), bool)
+    line[1] = True
+    centre = np.zeros((3, 3), bool)
+    centre[1, 1] = True
+    assert policy.stage1_share(None) == policy.STAGE1_BUDGET_SHARE  # mask from stage 1's output
+    assert policy.stage1_share(centre) == policy.STAGE1_BUDGET_SHARE  # stage 2 continues stage 1
+    share = policy.stage1_share(line)
+    assert share == policy.STAGE1_SHARE_STRUCTURED < policy.STAGE1_BUDGET_SHARE
+    assert policy.stage_budget_seconds(cfg, "stage1", stage1_share=share) == pytest.approx(600.0 * share)
+    cfg.stage1.time_budget_minutes = 2.0  # a stage's own budget still wins
+    assert policy.stage_budget_seconds(cfg, "stage1", stage1_share=share) == pytest.approx(120.0)
+
+
 def test_warmup_cosine_shape():
     f = [policy.warmup_cosine(p, 0.1) for p in np.linspace(0, 1, 101)]
     assert f[0] == 0.0 and f[5] == pytest.approx(0.5) and f[10] == pytest.approx(1.0)
