@@ -3,25 +3,56 @@ run folder, and denoising TIFF files with it."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import os
 import pathlib
 
+import jax
 import numpy as np
 
 from autostructn2v_jax import config as config_lib
-from autostructn2v_jax import files, models, parallel, posterior, predict, preprocess, stream, tiffio, train
+from autostructn2v_jax import files, masking, models, parallel, posterior, predict, preprocess, stream, tiffio, train
 from autostructn2v_jax.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
 
+#: The pooled noise estimate's blind samples: each plane is predicted with copies of the stage's
+#: mask hidden (as in training) until about ``BLIND_FRACTION`` of its pixels have been mask centres
+#: (at most ``BLIND_MAX_PASSES`` passes), and planes are visited until ``BLIND_SAMPLES`` centres
+#: are collected (a large stack does not pay passes over every plane).
+BLIND_FRACTION = 0.05
+BLIND_MAX_PASSES = 8
+BLIND_SAMPLES = 200_000
+
+
+@functools.lru_cache(maxsize=32)
+def _hide_fn(kernel: tuple, shape: tuple, percentage: float, strategy: str):
+    """Jitted ``(key, plane) -> (plane with mask copies replaced, centres)`` for one plane shape."""
+    k = np.array(kernel, bool)
+
+    def hide(key, plane):
+        k_mask, k_replace = jax.random.split(key)
+        hidden, centres = masking.tile_mask(k_mask, k, shape, percentage)
+        return masking.replace_masked(k_replace, plane, hidden, strategy), centres
+
+    return jax.jit(hide)
+
+
 class StageModel:
     """A trained stage: its variables and a tiled predictor for whole images."""
 
-    def __init__(self, variables: dict, stage_cfg, tta: bool = False, posterior_mean: str = "off"):
+    def __init__(self, variables: dict, stage_cfg, tta: bool = False, posterior_mean: str = "off",
+                 kernel=None):
         self.variables = variables
+        # The blind spot it was trained with (the centre pixel when not given), its density and
+        # replacement: the pooled noise estimate predicts with it hidden (:meth:`blind_predictions`).
+        self.kernel = masking.crop_kernel(np.ones((1, 1), bool) if kernel is None else kernel)
+        self.mask_percentage = float(stage_cfg.get("mask_percentage", 15.0))
+        self.strategy = str(stage_cfg.get("replacement_strategy", "local_mean"))
         self.posterior_mean = posterior_mean  # "off" or a noise model of `posterior.NOISE_MODELS`
         self.num_layers = int(stage_cfg.num_layers)
         self.features = int(stage_cfg.features)
@@ -32,15 +63,37 @@ class StageModel:
         self.apply_fn = models.make_apply_fn(self.features, self.num_layers, "auto", self.pool, self.top_skip)
         self.halo = models.receptive_field(self.num_layers, self.pool, self.top_skip)
 
-    def __call__(self, plane: np.ndarray) -> np.ndarray:
+    def __call__(self, plane: np.ndarray, tta: bool | None = None) -> np.ndarray:
         # A small image gets a smaller tile (no wasted compute); images of at least the configured
-        # tile share one compiled shape.
+        # tile share one compiled shape. ``tta``: None follows ``self.tta``.
         auto = predict.tile_plan(plane.shape, self.num_layers, halo=self.halo)
         tile = min(self.tile_size, auto.tile) if self.tile_size > 2 * auto.halo + 2 ** self.num_layers else auto.tile
         plan = predict.tile_plan(plane.shape, self.num_layers, tile, self.halo)
         batch = max(1, min(8, plan.ny * plan.nx))
         return predict.predict_image(self.variables, plane, apply_fn=self.apply_fn, num_layers=self.num_layers,
-                                     tile_size=tile, halo=self.halo, batch_tiles=batch, tta=self.tta)
+                                     tile_size=tile, halo=self.halo, batch_tiles=batch,
+                                     tta=self.tta if tta is None else bool(tta))
+
+    def blind_predictions(self, normed: np.ndarray, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(prediction, centres)`` pairs of a normalised plane predicted with copies of the stage's
+        mask hidden and replaced as in training (no TTA): at the centres the network sees neither
+        the pixel nor any neighbour whose noise is correlated with it, so ``normed - prediction``
+        there is the prediction error plus the pixel's whole noise. Empty when the mask does not fit
+        the plane."""
+        shape = tuple(int(v) for v in normed.shape)
+        try:
+            lay = masking.mask_layout(self.kernel, shape, self.mask_percentage)
+        except ValueError:
+            return []
+        if lay.n < 1:
+            return []
+        passes = min(BLIND_MAX_PASSES, max(1, math.ceil(BLIND_FRACTION * shape[0] * shape[1] / lay.n)))
+        hide = _hide_fn(tuple(map(tuple, self.kernel.tolist())), shape, self.mask_percentage, self.strategy)
+        out = []
+        for i in range(passes):
+            replaced, centres = hide(jax.random.fold_in(jax.random.key(seed), i), normed)
+            out.append((self(np.asarray(replaced), tta=False), np.asarray(centres)))
+        return out
 
     def finish(self, normed: np.ndarray, prediction: np.ndarray, noise=None) -> np.ndarray:
         """The written output: the prediction, combined with the noisy plane itself by the
@@ -61,17 +114,34 @@ class StageModel:
         usable = [_poolable(y) for y, _, _ in planes]
         noise = None
         if self.posterior_mean != "off" and any(usable):
-            noise = posterior.estimate_noise_pooled(
-                [(y, mu, st["std"], st["mean"]) for (y, mu, st), ok in zip(planes, usable) if ok],
-                model=self.posterior_mean)
+            noise = posterior.estimate_noise_pooled(self._noise_samples(planes, usable),
+                                                    model=self.posterior_mean)
         outs = iter([self.finish(y, mu, noise.rescaled(st["std"], st["mean"])
                                  if noise is not None and ok else None)
                      for (y, mu, st), ok in zip(planes, usable)])
         return [[next(outs) for _ in ys] for ys in normed]  # back into the files' grouping
 
+    def _noise_samples(self, planes: list, usable: list[bool]) -> list[tuple]:
+        """The planes' entries for :func:`posterior.estimate_noise_pooled`: with blind predictions
+        (:meth:`blind_predictions`) for the first planes, until ``BLIND_SAMPLES`` centres; only
+        those planes are pooled, so one estimator makes the whole estimate. Planes the mask does
+        not fit give none; if no plane does, every usable plane's plain residuals are pooled."""
+        blind, count = [], 0
+        for i, ((y, mu, st), ok) in enumerate(zip(planes, usable)):
+            if not ok or count >= BLIND_SAMPLES:
+                continue
+            pairs = self.blind_predictions(y, seed=i)
+            if pairs:
+                blind.append((y, mu, st["std"], st["mean"], pairs))
+                count += sum(int(c.sum()) for _, c in pairs)
+        if blind:
+            return blind
+        return [(y, mu, st["std"], st["mean"]) for (y, mu, st), ok in zip(planes, usable) if ok]
+
     def denoise(self, normed: np.ndarray) -> np.ndarray:
-        """A normalised plane in, the final output (prediction + posterior step) out."""
-        return self.finish(normed, self(normed))
+        """A normalised plane in, the final output (prediction + posterior step) out, with the noise
+        model estimated on the plane as :meth:`finish_all` does."""
+        return self.finish_all([[normed]], [[self(normed)]], [[{"mean": 0.0, "std": 1.0}]])[0][0]
 
     def denoise_files(self, files_planes: list[np.ndarray]) -> list[np.ndarray]:
         """Raw ``(P, H, W)`` planes of several files in, float32 ``(P, H, W)`` each out, in the same
@@ -136,7 +206,8 @@ def load_run(run_dir: str | os.PathLike, stage: str | None = None):
         if variables is None:
             raise UserInputError(f"{run_dir / name / 'checkpoints'}: no checkpoint found")
         return cfg, name, StageModel(variables, cfg[name], tta=uses_tta(cfg, cfg[name]),
-                                     posterior_mean=cfg.posterior_mean)
+                                     posterior_mean=cfg.posterior_mean,
+                                     kernel=np.asarray(meta["kernel"], bool) if "kernel" in meta else None)
     raise UserInputError(f"{run_dir}: no trained stage found (no stage1/ or stage2/ model.json)")
 
 

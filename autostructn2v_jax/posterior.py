@@ -124,25 +124,36 @@ def estimate_noise_pooled(planes, *, model: str = "gaussian", bins: int = 16,
                           flat_fraction: float = 0.5) -> NoiseModel:
     """One noise model for many planes of one acquisition, each given in its own units.
 
-    ``planes``: ``(noisy, prediction, scale, offset)`` per ``(H, W)`` plane, where
-    ``raw = offset + scale * noisy`` (a plane normalised by its own mean and standard deviation).
-    The flattest ``flat_fraction`` of each plane (as in :func:`estimate_noise`) gives residual
-    samples; they are pooled in raw units and one model is fitted, in raw units (turn it into a
-    plane's units with :meth:`NoiseModel.rescaled`). A plane's own estimate moves with its content
-    (a textured plane's residuals hold more prediction error, and a network passes part of a
-    pixel's noise into its prediction): on the 54 photo crops of issue 12 with x-correlated noise,
-    per-plane estimates ranged over 0.77-1.61x the true variance and the pooled one was 0.94x,
-    +0.1 dB after the posterior step (docs/benchmarks.md).
+    ``planes``: ``(noisy, prediction, scale, offset)`` or ``(noisy, prediction, scale, offset,
+    blind)`` per ``(H, W)`` plane, where ``raw = offset + scale * noisy`` (a plane normalised by its
+    own mean and standard deviation). The flattest ``flat_fraction`` of each plane (as in
+    :func:`estimate_noise`) gives residual samples; they are pooled in raw units and one model is
+    fitted, in raw units (turn it into a plane's units with :meth:`NoiseModel.rescaled`). A plane's
+    own estimate moves with its content (a textured plane's residuals hold more prediction error, and
+    a network passes part of a pixel's noise into its prediction): on the 54 photo crops of issue 12
+    with x-correlated noise, per-plane estimates ranged over 0.77-1.61x the true variance and the
+    pooled one was 0.94x, +0.1 dB after the posterior step (docs/benchmarks.md).
+
+    ``blind``: a list of ``(blind_prediction, centres)`` pairs, predictions of the plane with the
+    model's mask hidden around the True pixels of ``centres`` (as in training). The residuals are
+    then taken at those centres only, where the prediction cannot have copied any of the pixel's
+    own or correlated noise: 1.05-1.08x the true variance where the plain residuals gave 0.89-0.94x
+    with a structured mask (docs/benchmarks.md, "Blind noise estimate"). Flatness is still read
+    from ``prediction``.
     """
     _check_model(model)
     rs, signals = [], []
-    for y, mu, scale, offset in planes:
+    for y, mu, scale, offset, *blind in planes:
         y, mu = np.asarray(y, np.float64), np.asarray(mu, np.float64)
         if y.ndim != 2 or y.shape != mu.shape or min(y.shape) < 3:
             raise ValueError(f"estimate_noise_pooled needs equal (H, W) planes of at least 3x3 pixels, "
                              f"got {y.shape} and {mu.shape}")
         r, signal, feature = _plane_samples(y, mu)
         keep = feature <= np.quantile(feature, flat_fraction)
+        if blind and blind[0]:
+            at = np.concatenate([np.ravel(c) for _, c in blind[0]]).astype(bool)
+            r = np.concatenate([np.ravel(y - np.asarray(mb, np.float64)) for mb, _ in blind[0]])[at]
+            signal, keep = np.tile(signal, len(blind[0]))[at], np.tile(keep, len(blind[0]))[at]
         rs.append(r[keep] * float(scale))
         signals.append(float(offset) + float(scale) * signal[keep])
     if not rs:

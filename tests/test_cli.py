@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from autostructn2v_jax import inference, masking
 from helpers import (SIZE, TINY, error_lines, noisy_image, read_tiff, run_main, run_subprocess,
                      temp_leftovers, to_uint16, train_args, write_clean_pairs, write_dataset)
 
@@ -205,6 +206,8 @@ def test_mode3_stage2_mask_file(tmp_path, data_dir, capsys):
     assert json.loads((run / "mask" / "extraction.json").read_text())["source"] == "file"
     assert "structural mask:" in out
     assert json.loads((run / "summary.json").read_text())["stages"]["stage2"]["warm_start"] is False
+    # the loaded model knows its blind spot (the pooled noise estimate hides it)
+    assert np.array_equal(inference.load_run(run)[2].kernel, masking.crop_kernel(H_LINE))
     assert not temp_leftovers(tmp_path)
 
 
@@ -696,7 +699,6 @@ def test_constant_image_trains(tmp_path, capsys):
     norm = json.loads((run / "normalization.json").read_text())
     assert norm["const_f32.tif"] == [{"mean": 0.5, "std": 1e-6}]
     assert norm["const_u16.tif"] == [{"mean": 300.0, "std": pytest.approx(3e-4)}]
-    from autostructn2v_jax import inference
 
     _, _, model = inference.load_run(run)
     answer = np.abs(model(np.zeros((SIZE, SIZE), np.float32))).max()

@@ -165,3 +165,27 @@ def test_pooled_estimate_pools_planes_of_different_scales_in_raw_units():
         posterior.estimate_noise_pooled([])
     with pytest.raises(ValueError, match="noise model"):
         posterior.estimate_noise_pooled(planes, model="histogram")
+
+
+def test_blind_residuals_measure_the_noise_that_a_leaky_prediction_hides():
+    """A prediction that copies part of the correlated noise (as a network that sees the correlated
+    neighbours does) makes the plain residuals too small; residuals at the centres of blind
+    predictions (made without those pixels) measure the whole noise."""
+    rng, clean, _ = _scene(9, 128)
+    white = rng.standard_normal(clean.shape)
+    noise = 0.05 * ndimage.uniform_filter1d(white, 5, axis=1) * np.sqrt(5)  # x-correlated, std 0.05
+    y = clean + noise
+    leaky = clean + 0.4 * (np.roll(noise, 1, axis=1) + np.roll(noise, -1, axis=1)) / 2
+    plain = posterior.estimate_noise_pooled([(y, leaky, 1.0, 0.0)])
+    assert plain.b < 0.8 * 0.05 ** 2
+    blind = []
+    for k in range(3):  # passes: every 7th pixel is a centre, predicted without its noise
+        centres = np.zeros(clean.shape, bool)
+        centres[k::3, k::7] = True
+        blind.append((np.where(centres, clean, leaky), centres))
+    est = posterior.estimate_noise_pooled([(y, leaky, 1.0, 0.0, blind)])
+    assert est.b == pytest.approx(0.05 ** 2, rel=0.1)
+    # in raw units like the plain estimate, and an empty list means no blind samples
+    assert posterior.estimate_noise_pooled([(y / 2, leaky / 2, 2.0, 0.0, [(b / 2, c) for b, c in blind])]).b \
+        == pytest.approx(est.b, rel=1e-6)
+    assert posterior.estimate_noise_pooled([(y, leaky, 1.0, 0.0, [])]).b == pytest.approx(plain.b)

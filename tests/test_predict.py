@@ -165,8 +165,43 @@ def test_stage_model_final_output_applies_the_posterior_step():
     on = inference.StageModel(variables, cfg, posterior_mean="gaussian")
     raw = off(plane)
     np.testing.assert_array_equal(off.denoise(plane), raw)
-    np.testing.assert_allclose(on.denoise(plane), posterior.posterior_step(plane, raw, "gaussian"), rtol=1e-6)
+    # the noise model comes from the blind residuals (the stage's blind spot hidden, as in training)
+    noise = posterior.estimate_noise_pooled([(plane, raw, 1.0, 0.0, on.blind_predictions(plane, seed=0))])
+    np.testing.assert_allclose(on.denoise(plane), posterior.posterior_step(plane, raw, noise=noise), rtol=1e-6)
     assert not np.allclose(on.denoise(plane), raw)
+
+
+def test_blind_predictions_never_see_the_hidden_pixels():
+    """At every centre the blind prediction is made with the stage's whole mask hidden: changing
+    the values under the mask copies changes nothing, and the centres have the training density."""
+    from scipy import ndimage
+
+    from autostructn2v_jax import config as config_lib
+    from autostructn2v_jax import inference
+
+    cfg = config_lib.base_config().stage2
+    cfg.features, cfg.predict_tile_size, cfg.mask_percentage = 8, 64, 10.0
+    kernel = np.zeros((3, 7), bool)
+    kernel[1] = True  # a horizontal line of 7
+    model = inference.StageModel(init_variables(8, 2, 32, 0), cfg, kernel=kernel)
+    plane = np.random.default_rng(5).standard_normal((64, 80)).astype(np.float32)
+    pairs = model.blind_predictions(plane, seed=3)
+    # about BLIND_FRACTION of the pixels are centres, over passes with different masks
+    assert len(pairs) > 1 and not np.array_equal(pairs[0][1], pairs[1][1])
+    line = np.ones((1, 7), bool)
+    for pred, centres in pairs:
+        assert centres.sum() * 7 == pytest.approx(0.10 * plane.size, rel=0.1)  # training density
+    pred, centres = pairs[0]
+    hidden = ndimage.binary_dilation(centres, structure=line)  # the copies of the mask
+    again = model.blind_predictions(np.where(hidden, plane + 10.0, plane), seed=3)[0]
+    np.testing.assert_array_equal(again[1], centres)
+    np.testing.assert_allclose(again[0][centres], pred[centres], rtol=1e-5, atol=1e-5)
+    # a plain prediction does see those pixels
+    assert not np.allclose(model(np.where(hidden, plane + 10.0, plane), tta=False)[centres],
+                           model(plane, tta=False)[centres], atol=1e-3)
+    # a mask that cannot fit the plane gives no blind samples
+    assert inference.StageModel(init_variables(8, 2, 32, 0), cfg, kernel=np.ones((1, 31), bool)
+                                ).blind_predictions(plane[:8, :16], seed=0) == []
 
 
 def test_stage_model_pools_one_noise_model_over_all_planes():
@@ -184,7 +219,8 @@ def test_stage_model_pools_one_noise_model_over_all_planes():
     out = model.denoise_files(files)
     pairs = [preprocess.normalize(p) for planes in files for p in planes]
     preds = [model(n) for n, _ in pairs]
-    pooled = posterior.estimate_noise_pooled([(n, mu, st["std"], st["mean"]) for (n, st), mu in zip(pairs, preds)])
+    pooled = posterior.estimate_noise_pooled([(n, mu, st["std"], st["mean"], model.blind_predictions(n, seed=i))
+                                              for i, ((n, st), mu) in enumerate(zip(pairs, preds))])
     expect = [preprocess.denormalize(posterior.posterior_step(n, mu, noise=pooled.rescaled(st["std"], st["mean"])), st)
               for (n, st), mu in zip(pairs, preds)]
     got = [p for planes in out for p in planes]
