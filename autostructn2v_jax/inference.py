@@ -205,7 +205,9 @@ def load_run(run_dir: str | os.PathLike, stage: str | None = None):
                                                meta["patch_size"], bool(meta.get("top_skip", True)))
         if variables is None:
             raise UserInputError(f"{run_dir / name / 'checkpoints'}: no checkpoint found")
-        return cfg, name, StageModel(variables, cfg[name], tta=uses_tta(cfg, cfg[name]),
+        stage_cfg = cfg[name].copy_and_resolve_references()  # the network as trained (model.json)
+        stage_cfg.update({k: meta[k] for k in config_lib.NETWORK_KEYS if k in meta})
+        return cfg, name, StageModel(variables, stage_cfg, tta=uses_tta(cfg, cfg[name]),
                                      posterior_mean=cfg.posterior_mean,
                                      kernel=np.asarray(meta["kernel"], bool) if "kernel" in meta else None)
     raise UserInputError(f"{run_dir}: no trained stage found (no stage1/ or stage2/ model.json)")

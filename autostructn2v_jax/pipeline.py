@@ -137,13 +137,35 @@ def find_mask(cfg, ds: Dataset, train_planes_for_acf: list[np.ndarray], run_dir:
     return mask, info
 
 
+def stage2_settings(cfg, stage1_kernel: np.ndarray | None, stage2_kernel: np.ndarray):
+    """Stage 2's settings: `cfg.stage2`, but with stage 1's network (`config.NETWORK_KEYS`) when
+    `stage2.warm_start=auto` and stage 2 repeats stage 1's task (stage 1 trained in this run, the
+    mask is its blind spot): stage 2 then continues stage 1's network. Stage 2's own network (by
+    default deeper than stage 1's, for the far context a structured mask needs) is for the
+    structured case."""
+    s2 = cfg.stage2
+    if (s2.get("warm_start", "off") != "auto" or stage1_kernel is None
+            or _offsets(stage1_kernel) != _offsets(stage2_kernel)):
+        return s2
+    differ = config_lib.network_differences(cfg)
+    if not differ:
+        return s2
+    s2 = s2.copy_and_resolve_references()
+    for key in config_lib.NETWORK_KEYS:
+        s2[key] = cfg.stage1[key]
+    log.info("stage 2 repeats stage 1's task (its mask is stage 1's blind spot): it continues stage 1's "
+             "network (%s as stage 1's; stage2.warm_start=auto)", ", ".join(differ))
+    return s2
+
+
 def warm_start_variables(cfg, stage1_variables: dict | None, stage1_kernel: np.ndarray | None,
-                         stage2_kernel: np.ndarray) -> dict | None:
+                         stage2_kernel: np.ndarray, s2=None) -> dict | None:
     """Stage 1's best variables for stage 2 to start from (`stage2.warm_start`), or None.
 
-    `auto` warm-starts only when stage 2 repeats stage 1's task: the same network and the same
-    blind spot (a mask of the centre pixel alone, the white-noise case). Stage 2 then continues
-    stage 1's training instead of starting over on half the budget (white photo crops, 5 minutes:
+    `auto` warm-starts only when stage 2 repeats stage 1's task: the same blind spot (a mask of the
+    centre pixel alone, the white-noise case), and then stage 2 has stage 1's network
+    (:func:`stage2_settings`; ``s2``, default `cfg.stage2`). Stage 2 then continues stage 1's
+    training instead of starting over on half the budget (white photo crops, 5 minutes:
     +0.3-0.6 dB). With a structured mask it trains from scratch: stage 1's network has learned to copy
     the correlated noise from the neighbours, and unlearning that cost 1.9 dB against a fresh
     network in the same time (docs/benchmarks.md, "Warm start"). `on` warm-starts whenever the
@@ -151,7 +173,8 @@ def warm_start_variables(cfg, stage1_variables: dict | None, stage1_kernel: np.n
     mode = cfg.stage2.get("warm_start", "off")
     if mode == "off" or stage1_variables is None:
         return None
-    same_net = not config_lib.network_differences(cfg)
+    s2 = cfg.stage2 if s2 is None else s2
+    same_net = all(cfg.stage1[k] == s2[k] for k in config_lib.NETWORK_KEYS)
     same_task = stage1_kernel is not None and _offsets(stage1_kernel) == _offsets(stage2_kernel)
     if mode == "auto" and not (same_net and same_task):
         why = "its network differs from stage 1's" if not same_net else "its mask differs from stage 1's blind spot"
@@ -299,16 +322,16 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
         summary["outputs"]["stage1"] = str(run_dir / "stage1" / "denoised")
 
     if cfg.run_stage2:
-        s2 = cfg.stage2
-        train_p, val_p, _ = split_planes(ds, cfg, int(s2.patch_size))
+        train_p, val_p, _ = split_planes(ds, cfg, int(cfg.stage2.patch_size))
         if early_mask is not None:
             kernel, info = early_mask
         else:  # the mask comes from stage 1's output
             flat_out = [p for planes in stage1_out for p in planes]
-            if s2.mask_source == "stage1_residual":
+            if cfg.stage2.mask_source == "stage1_residual":
                 flat_out = [n - o for n, o in zip(ds.flat(), flat_out)]
             kernel, info = find_mask(cfg, ds, flat_out, run_dir, mask_file)
-        warm = warm_start_variables(cfg, stage1_variables, stage1_kernel, kernel)
+        s2 = stage2_settings(cfg, stage1_kernel, kernel)
+        warm = warm_start_variables(cfg, stage1_variables, stage1_kernel, kernel, s2)
         result = train.train_stage(train_p, val_p, s2, cfg, kernel, run_dir / "stage2", name="stage2",
                                    progress=(lambda r: progress("stage2", r)) if progress else None,
                                    budget_seconds=policy.stage_budget_seconds(cfg, "stage2", trained_seconds),
@@ -322,7 +345,7 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
                                            out_of_time=result.out_of_time,
                                            train_seconds=round(result.seconds, 1), mask=info.get("summary"),
                                            warm_start=warm is not None, tta=model.tta,
-                                           mask_pixels=int(np.asarray(kernel).sum()))
+                                           mask_pixels=int(np.asarray(kernel).sum()), num_layers=int(s2.num_layers))
         summary["outputs"]["stage2"] = str(run_dir / "stage2" / "denoised")
 
     summary["final"] = "stage2" if cfg.run_stage2 else "stage1"

@@ -110,8 +110,11 @@ def test_warm_start_on_needs_stage1_with_the_same_network():
     cfg = _valid(run_stage1=False, **{"stage2.warm_start": "on", "stage2.mask_source": "extractor"})
     with pytest.raises(ConfigError, match=r"stage2\.warm_start.*run_stage1"):
         config_lib.validate_config(cfg)
-    config_lib.validate_config(_valid(**{"stage2.warm_start": "on"}))
-    config_lib.validate_config(_valid(**{"stage2.features": 32}))  # auto: stage 2 from scratch
+    # the defaults: stage 2 is one level deeper, so `on` needs the depths made equal
+    with pytest.raises(ConfigError, match=r"stage2\.warm_start.*num_layers"):
+        config_lib.validate_config(_valid(**{"stage2.warm_start": "on"}))
+    config_lib.validate_config(_valid(**{"stage2.warm_start": "on", "stage2.num_layers": 2}))
+    config_lib.validate_config(_valid(**{"stage2.features": 32}))  # auto: decided by the mask
 
 
 def test_json_round_trip():

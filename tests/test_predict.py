@@ -180,7 +180,7 @@ def test_blind_predictions_never_see_the_hidden_pixels():
     from autostructn2v_jax import inference
 
     cfg = config_lib.base_config().stage2
-    cfg.features, cfg.predict_tile_size, cfg.mask_percentage = 8, 64, 10.0
+    cfg.features, cfg.num_layers, cfg.predict_tile_size, cfg.mask_percentage = 8, 2, 64, 10.0
     kernel = np.zeros((3, 7), bool)
     kernel[1] = True  # a horizontal line of 7
     model = inference.StageModel(init_variables(8, 2, 32, 0), cfg, kernel=kernel)

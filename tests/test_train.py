@@ -212,6 +212,8 @@ def test_warm_start_copies_variables_and_checks_the_network():
     assert int(state.step) == 0
     wider = train.StageSpec.from_config("stage2", _cfg(features=16).stage1, kernel)
     both = config_lib.base_config()
+    assert config_lib.network_differences(both) == ["num_layers"]  # stage 2 is one level deeper
+    both.stage2.num_layers = both.stage1.num_layers
     assert config_lib.network_differences(both) == []
     both.stage2.features, both.stage2.pool = 32, "blur"
     assert config_lib.network_differences(both) == ["features", "pool"]
@@ -246,7 +248,9 @@ def test_warm_started_stage_begins_where_the_donor_ended(tmp_path):
 
 
 def test_warm_start_rule():
-    """`auto` warm-starts stage 2 only for stage 1's task (same network, same blind spot)."""
+    """`auto` warm-starts stage 2 only for stage 1's task (the same blind spot); stage 2 then
+    continues stage 1's network, whatever network its own settings name. A structured mask keeps
+    stage 2's own (deeper by default) network, trained from scratch."""
     from autostructn2v_jax import pipeline
 
     cfg = config_lib.base_config()
@@ -254,13 +258,21 @@ def test_warm_start_rule():
     centre = masking.stage1_kernel(1)
     alone = np.ones((1, 1), bool)  # the centre alone, in another shape
     line = np.ones((1, 9), bool)
-    assert pipeline.warm_start_variables(cfg, donor, centre, alone) is donor
-    assert pipeline.warm_start_variables(cfg, donor, centre, line) is None
-    assert pipeline.warm_start_variables(cfg, None, None, alone) is None  # stage 1 did not train
-    cfg.stage2.warm_start = "on"
-    assert pipeline.warm_start_variables(cfg, donor, centre, line) is donor
-    cfg.stage2.warm_start = "auto"
     cfg.stage2.features = 32
+    s2 = pipeline.stage2_settings(cfg, centre, alone)
+    assert [s2[k] for k in config_lib.NETWORK_KEYS] == [cfg.stage1[k] for k in config_lib.NETWORK_KEYS]
+    assert (cfg.stage2.num_layers, cfg.stage2.features) == (3, 32)  # the config itself is unchanged
+    assert s2.patch_size == cfg.stage2.patch_size and s2.mask_percentage == cfg.stage2.mask_percentage
+    assert pipeline.warm_start_variables(cfg, donor, centre, alone, s2) is donor
+    assert pipeline.stage2_settings(cfg, centre, line) is cfg.stage2
+    assert pipeline.warm_start_variables(cfg, donor, centre, line, cfg.stage2) is None
+    assert pipeline.stage2_settings(cfg, None, alone) is cfg.stage2  # stage 1 did not train
+    assert pipeline.warm_start_variables(cfg, None, None, alone) is None
+    cfg.stage2.warm_start = "on"
+    cfg.stage2.features, cfg.stage2.num_layers = cfg.stage1.features, cfg.stage1.num_layers
+    assert pipeline.warm_start_variables(cfg, donor, centre, line) is donor
+    cfg.stage2.warm_start = "off"
+    assert pipeline.stage2_settings(cfg, centre, alone) is cfg.stage2
     assert pipeline.warm_start_variables(cfg, donor, centre, alone) is None
     cfg.stage2.features = cfg.stage1.features
     cfg.stage2.warm_start = "off"
