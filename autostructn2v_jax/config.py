@@ -370,7 +370,7 @@ DESCRIPTIONS = {
     "steps_per_dispatch": "train steps per compiled call (lax.scan)",
     "predict_tile_size": "tile side for whole-image prediction (halo added on top)",
     "mask_source": "extractor (autocorrelation of the raw images; the default), stage1 (autocorrelation of stage-1 output), stage1_residual (noisy - stage 1), file",
-    "warm_start": "stage 2 starts from stage 1's best variables instead of a random network: auto (only when stage 2 repeats stage 1's task: stage 1 trained in this run, same features, num_layers, pool and top_skip, and the mask is stage 1's blind spot, e.g. the centre alone for white noise), on (whenever the networks match; an error otherwise) or off",
+    "warm_start": "stage 2 starts from stage 1's best variables instead of a random network: auto (only when stage 2 repeats stage 1's task: stage 1 trained in this run and the mask is stage 1's blind spot, e.g. the centre alone for white noise; stage 2 then takes stage 1's network), on (whenever the networks match; an error otherwise) or off",
     "mask_file_path": "a .npy structural mask (2D, odd sides, centre True) for mask_source=file",
     "method": "deconvolved (significance test as detector, extent from the noise ACF recovered from the flattest tiles), significance (lags significantly above white noise after the high-pass) or ring (ring-by-ring thresholds)",
     "max_center_size": "the crop grows (by 4) up to this side while the mask reaches its edge; a mask still at the edge is reported as truncated",
