@@ -35,6 +35,9 @@ TINY = [
     "--config.stage1.num_val_patches=8", "--config.stage2.num_val_patches=8",
     "--config.stage2.extractor.num_patches=50", "--config.stage2.extractor.patch_size=32",
     "--config.stage1.predict_tile_size=64", "--config.stage2.predict_tile_size=64",
+    # stage 2 at stage 1's depth, so the two stages' predictions share one compiled function (the
+    # default depth 3 of stage 2 is trained by tests/test_quality.py)
+    "--config.stage2.num_layers=2",
     # one prediction per tile instead of eight: test_cli.py's centre-mask run turns TTA back on
     # (the default) and checks it; everywhere else it would only add compile time
     "--config.tta=off",
