@@ -150,6 +150,11 @@ def stage2_settings(cfg, stage1_kernel: np.ndarray | None, stage2_kernel: np.nda
     differ = config_lib.network_differences(cfg)
     if not differ:
         return s2
+    depth = 2 ** int(cfg.stage1.num_layers)  # stage 2's patch and tiles must suit stage 1's network
+    if s2.patch_size % depth or s2.patch_size < 2 * depth or s2.predict_tile_size % depth:
+        log.info("stage 2 keeps its own network: stage2.patch_size / predict_tile_size do not suit "
+                 "stage 1's num_layers=%d", cfg.stage1.num_layers)
+        return s2
     s2 = s2.copy_and_resolve_references()
     for key in config_lib.NETWORK_KEYS:
         s2[key] = cfg.stage1[key]

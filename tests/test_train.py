@@ -265,6 +265,10 @@ def test_warm_start_rule():
     assert s2.patch_size == cfg.stage2.patch_size and s2.mask_percentage == cfg.stage2.mask_percentage
     assert pipeline.warm_start_variables(cfg, donor, centre, alone, s2) is donor
     assert pipeline.stage2_settings(cfg, centre, line) is cfg.stage2
+    deeper = config_lib.base_config()  # stage 2's patch does not suit stage 1's network: its own
+    deeper.stage1.num_layers, deeper.stage2.patch_size = 4, 40
+    assert pipeline.stage2_settings(deeper, centre, alone) is deeper.stage2
+    assert pipeline.warm_start_variables(deeper, donor, centre, alone, deeper.stage2) is None
     assert pipeline.warm_start_variables(cfg, donor, centre, line, cfg.stage2) is None
     assert pipeline.stage2_settings(cfg, None, alone) is cfg.stage2  # stage 1 did not train
     assert pipeline.warm_start_variables(cfg, None, None, alone) is None
