@@ -9,9 +9,12 @@ export AUTOSTRUCTN2V_CACHE_DIR ?= $(CURDIR)/.jax_cache
 
 # uv (installed into the venv, a build tool only) resolves and downloads in parallel: a fresh venv
 # in ~9 s instead of ~39 s with pip (docs/benchmarks.md, "Test suite time"); pip if uv fails.
+# --compile-bytecode: write the .pyc files now, as pip does. Without them every Python process
+# compiles jax's sources again where bytecode writing is off (PYTHONDONTWRITEBYTECODE): +2.5 s per
+# process, and the tests start ~20 (docs/benchmarks.md).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q uv 2>/dev/null && $(PY) -m uv pip install -q --python $(PY) -e ".[test]" \
+	$(PY) -m pip install -q uv 2>/dev/null && $(PY) -m uv pip install -q --compile-bytecode --python $(PY) -e ".[test]" \
 		|| { $(PY) -m pip install -q --upgrade pip && $(PY) -m pip install -q -e ".[test]"; }
 	touch $@
 

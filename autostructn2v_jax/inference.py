@@ -35,9 +35,9 @@ def _hide_fn(kernel: tuple, shape: tuple, percentage: float, strategy: str):
     k = np.array(kernel, bool)
 
     def hide(key, plane):
-        k_mask, k_replace = jax.random.split(key)
-        hidden, centres = masking.tile_mask(k_mask, k, shape, percentage)
-        return masking.replace_masked(k_replace, plane, hidden, strategy), centres
+        # the training batch's masking on a batch of one plane: one random call (compiles faster)
+        inputs, centres, _ = masking.make_blind_spot_batch(key, plane[None], k, percentage, strategy)
+        return inputs[0], centres[0]
 
     return jax.jit(hide)
 
