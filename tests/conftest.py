@@ -25,10 +25,44 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
+# The modules whose tests take longest (docs/benchmarks.md, "Test suite time"), heaviest first.
+_HEAVY_MODULES = ("test_quality", "test_reliability", "test_cli", "test_notebooks", "test_parallel",
+                  "test_api")
+
+
+def _group(item) -> str:
+    """Tests that share a module-scoped fixture (one CLI run, one data set) stay on one worker."""
+    defs = getattr(item, "_fixtureinfo", None)
+    shared = defs is not None and any(
+        d.scope == "module" for ds in defs.name2fixturedefs.values() for d in ds)
+    return item.module.__name__ if shared else item.nodeid
+
+
 def pytest_collection_modifyitems(config, items):
-    """Run the tests that train first: with several xdist workers the long ones then overlap and
-    the short ones fill the gaps at the end, instead of two long tests finishing last."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: order kept within
+    """Every xdist worker starts on its share of the tests that train, heaviest modules first,
+    and the short ones fill the gaps at the end. pytest-xdist's worksteal hands each worker a
+    contiguous block of the list at the start (``len // workers``, in worker order) and later
+    steals from the end of a queue: with all training tests at the front, one worker got them all
+    and the other took them over late, a long test at a time."""
+    def rank(item):
+        name = item.module.__name__.rsplit(".", 1)[-1]
+        return _HEAVY_MODULES.index(name) if name in _HEAVY_MODULES else len(_HEAVY_MODULES)
+
+    slow = sorted((it for it in items if it.get_closest_marker("slow")), key=rank)  # stable
+    fast = [it for it in items if not it.get_closest_marker("slow")]
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    groups: dict[str, list] = {}
+    for it in slow:
+        groups.setdefault(_group(it), []).append(it)
+    shares = [[] for _ in range(workers)]
+    for i, group in enumerate(groups.values()):  # dealt in turn, heaviest first
+        shares[i % workers] += group
+    out, fast_iter, left = [], iter(fast), len(items)
+    for k, share in enumerate(shares):
+        size = max(left // (workers - k), len(share))  # the block worksteal sends worker k first
+        out += share + [t for _, t in zip(range(size - len(share)), fast_iter)]
+        left -= size
+    items[:] = out + list(fast_iter)
 
 
 # Opt-in: AUTOSTRUCTN2V_COMPILE_LOG=/tmp/c writes one JSON line per JAX monitoring event (compile
