@@ -25,38 +25,37 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
-# The modules whose tests take longest (docs/benchmarks.md, "Test suite time"), heaviest first.
-_HEAVY_MODULES = ("test_quality", "test_reliability", "test_cli", "test_notebooks", "test_parallel",
-                  "test_api")
-
-
-def _group(item) -> str:
-    """Tests that share a module-scoped fixture (one CLI run, one data set) stay on one worker."""
-    defs = getattr(item, "_fixtureinfo", None)
-    shared = defs is not None and any(
-        d.scope == "module" for ds in defs.name2fixturedefs.values() for d in ds)
-    return item.module.__name__ if shared else item.nodeid
+# The training tests by the compiled shapes they share (a test finds the step an earlier one
+# compiled in the persistent cache, but not while that one is still compiling it): the quality
+# tests' networks, the multi-device runs, and everything on the CLI tests' tiny shapes
+# (helpers.TINY). Heaviest first within each; docs/benchmarks.md, "Test suite time".
+_FAMILIES = (("test_quality", "test_parallel"),
+             ("test_cli", "test_reliability", "test_notebooks", "test_api", "test_budget"))
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every xdist worker starts on its share of the tests that train, heaviest modules first,
-    and the short ones fill the gaps at the end. pytest-xdist's worksteal hands each worker a
+    """Each xdist worker starts on training tests, one family of shared compiled shapes each, and
+    the short tests fill the gaps at the end. pytest-xdist's worksteal hands each worker a
     contiguous block of the list at the start (``len // workers``, in worker order) and later
-    steals from the end of a queue: with all training tests at the front, one worker got them all
-    and the other took them over late, a long test at a time."""
+    steals from the end of a queue. With one worker, the training tests simply come first."""
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    order = [m for family in _FAMILIES for m in family]
+
     def rank(item):
         name = item.module.__name__.rsplit(".", 1)[-1]
-        return _HEAVY_MODULES.index(name) if name in _HEAVY_MODULES else len(_HEAVY_MODULES)
+        return order.index(name) if name in order else len(order)
+
+    def family(item):
+        name = item.module.__name__.rsplit(".", 1)[-1]
+        hits = [k for k, fam in enumerate(_FAMILIES) if name in fam]
+        return hits[0] if hits else len(_FAMILIES)
 
     slow = sorted((it for it in items if it.get_closest_marker("slow")), key=rank)  # stable
     fast = [it for it in items if not it.get_closest_marker("slow")]
-    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
-    groups: dict[str, list] = {}
-    for it in slow:
-        groups.setdefault(_group(it), []).append(it)
     shares = [[] for _ in range(workers)]
-    for i, group in enumerate(groups.values()):  # dealt in turn, heaviest first
-        shares[i % workers] += group
+    for it in slow:  # a family per worker; the rest of the training tests to the lightest
+        k = family(it)
+        shares[k % workers if k < len(_FAMILIES) else min(range(workers), key=lambda w: len(shares[w]))].append(it)
     out, fast_iter, left = [], iter(fast), len(items)
     for k, share in enumerate(shares):
         size = max(left // (workers - k), len(share))  # the block worksteal sends worker k first
