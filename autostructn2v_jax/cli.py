@@ -155,13 +155,14 @@ def _split_cpu(cfg) -> None:
 
 def _cmd_train(args, overrides) -> int:
     from autostructn2v_jax import config as config_lib
-    from autostructn2v_jax import pipeline
 
     cfg = _load_config(args.config)
     config_lib.apply_overrides(cfg, overrides)
     if args.print_config:
         print(config_lib.to_json(cfg))
         return 0
+    from autostructn2v_jax import pipeline  # imports JAX: a bad config file is reported without it
+
     _split_cpu(cfg)
     progress = _Progress(int(cfg.num_epochs), enabled=not args.quiet and sys.stderr.isatty())
     t0 = time.perf_counter()
