@@ -39,23 +39,17 @@ def pytest_collection_modifyitems(config, items):
     contiguous block of the list at the start (``len // workers``, in worker order) and later
     steals from the end of a queue. With one worker, the training tests simply come first."""
     workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    module = lambda item: item.module.__name__.rsplit(".", 1)[-1]  # noqa: E731
     order = [m for family in _FAMILIES for m in family]
-
-    def rank(item):
-        name = item.module.__name__.rsplit(".", 1)[-1]
-        return order.index(name) if name in order else len(order)
-
-    def family(item):
-        name = item.module.__name__.rsplit(".", 1)[-1]
-        hits = [k for k, fam in enumerate(_FAMILIES) if name in fam]
-        return hits[0] if hits else len(_FAMILIES)
-
-    slow = sorted((it for it in items if it.get_closest_marker("slow")), key=rank)  # stable
+    slow = sorted((it for it in items if it.get_closest_marker("slow")),
+                  key=lambda it: order.index(module(it)) if module(it) in order else len(order))
     fast = [it for it in items if not it.get_closest_marker("slow")]
     shares = [[] for _ in range(workers)]
-    for it in slow:  # a family per worker; the rest of the training tests to the lightest
-        k = family(it)
-        shares[k % workers if k < len(_FAMILIES) else min(range(workers), key=lambda w: len(shares[w]))].append(it)
+    home = {m: k % workers for k, family in enumerate(_FAMILIES) for m in family}
+    for it in slow:  # a family per worker; any other module whole to the lightest worker
+        if module(it) not in home:
+            home[module(it)] = min(range(workers), key=lambda w: len(shares[w]))
+        shares[home[module(it)]].append(it)
     out, fast_iter, left = [], iter(fast), len(items)
     for k, share in enumerate(shares):
         size = max(left // (workers - k), len(share))  # the block worksteal sends worker k first
