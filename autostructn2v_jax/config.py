@@ -295,10 +295,13 @@ def validate_config(cfg: ml_collections.ConfigDict, *, need_io: bool = True) -> 
 NETWORK_KEYS = ("features", "num_layers", "pool", "top_skip")  # what a stage's variables depend on
 
 
-def network_differences(cfg: ml_collections.ConfigDict) -> list[str]:
+def network_differences(cfg: ml_collections.ConfigDict,
+                        stage2: ml_collections.ConfigDict | None = None) -> list[str]:
     """The keys in which stage 1's and stage 2's networks differ (empty: one can start from the
-    other's variables, `stage2.warm_start`)."""
-    return [k for k in NETWORK_KEYS if cfg.stage1[k] != cfg.stage2[k]]
+    other's variables, `stage2.warm_start`). ``stage2``: stage 2's settings as run, when they are
+    not `cfg.stage2` itself (`pipeline.stage2_settings`)."""
+    s2 = cfg.stage2 if stage2 is None else stage2
+    return [k for k in NETWORK_KEYS if cfg.stage1[k] != s2[k]]
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

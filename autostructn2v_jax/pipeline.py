@@ -25,7 +25,7 @@ import numpy as np
 
 from autostructn2v_jax import config as config_lib
 from autostructn2v_jax import extraction, files, inference, maskfile, masking, parallel, policy, preprocess, synth, tiffio, train
-from autostructn2v_jax.errors import UserInputError
+from autostructn2v_jax.errors import ConfigError, UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -150,17 +150,17 @@ def stage2_settings(cfg, stage1_kernel: np.ndarray | None, stage2_kernel: np.nda
     differ = config_lib.network_differences(cfg)
     if not differ:
         return s2
-    depth = 2 ** int(cfg.stage1.num_layers)  # stage 2's patch and tiles must suit stage 1's network
-    if s2.patch_size % depth or s2.patch_size < 2 * depth or s2.predict_tile_size % depth:
-        log.info("stage 2 keeps its own network: stage2.patch_size / predict_tile_size do not suit "
-                 "stage 1's num_layers=%d", cfg.stage1.num_layers)
-        return s2
-    s2 = s2.copy_and_resolve_references()
+    adopted = s2.copy_and_resolve_references()
     for key in config_lib.NETWORK_KEYS:
-        s2[key] = cfg.stage1[key]
+        adopted[key] = cfg.stage1[key]
+    try:  # stage 2's patch and tile sizes must suit stage 1's network
+        config_lib.validate_stage(adopted, "stage2")
+    except ConfigError as err:
+        log.info("stage 2 keeps its own network: with stage 1's, %s", err)
+        return s2
     log.info("stage 2 repeats stage 1's task (its mask is stage 1's blind spot): it continues stage 1's "
              "network (%s as stage 1's; stage2.warm_start=auto)", ", ".join(differ))
-    return s2
+    return adopted
 
 
 def warm_start_variables(cfg, stage1_variables: dict | None, stage1_kernel: np.ndarray | None,
@@ -178,8 +178,7 @@ def warm_start_variables(cfg, stage1_variables: dict | None, stage1_kernel: np.n
     mode = cfg.stage2.get("warm_start", "off")
     if mode == "off" or stage1_variables is None:
         return None
-    s2 = cfg.stage2 if s2 is None else s2
-    same_net = all(cfg.stage1[k] == s2[k] for k in config_lib.NETWORK_KEYS)
+    same_net = not config_lib.network_differences(cfg, s2)
     same_task = stage1_kernel is not None and _offsets(stage1_kernel) == _offsets(stage2_kernel)
     if mode == "auto" and not (same_net and same_task):
         why = "its network differs from stage 1's" if not same_net else "its mask differs from stage 1's blind spot"
