@@ -204,7 +204,7 @@ def _write_mask_dir(mask_dir: pathlib.Path, mask: np.ndarray, info: dict, cfg) -
         files.atomic_write(mask_dir / "autocorrelation.npy", lambda f: np.save(f, acf), ".npy")
     maskfile.save_mask(mask_dir / "structural_mask.npy", mask)
     tiled, _ = masking.draw_mask(int(cfg.random_seed), mask, (int(s2.patch_size),) * 2,
-                                 float(s2.mask_percentage))
+                                 float(s2.mask_percentage), bool(s2.get("mask_cluster", False)))
     try:
         from autostructn2v_jax import report
 

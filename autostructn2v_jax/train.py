@@ -64,6 +64,7 @@ class StageSpec:
     kernel: tuple  # the blind-spot kernel as nested tuples of bools
     pool: str = "max"  # "max" or "blur" (N2V2)
     top_skip: bool = True  # False: no top-level skip connection (N2V2)
+    cluster: bool = False  # loss at every pixel of K in copies of K (+) K (masking.use_cluster)
 
     @property
     def kernel_array(self) -> np.ndarray:
@@ -86,6 +87,8 @@ class StageSpec:
             kernel=tuple(tuple(bool(v) for v in row) for row in masking.crop_kernel(kernel)),
             pool=str(stage_cfg.get("pool", "max")),
             top_skip=bool(stage_cfg.get("top_skip", True)),
+            cluster=bool(stage_cfg.get("mask_cluster", False)) and masking.use_cluster(
+                kernel, (int(stage_cfg.patch_size),) * 2, float(stage_cfg.mask_percentage)),
         )
 
 
@@ -116,7 +119,7 @@ def make_batch(key: jax.Array, bank: sampling.ImageBank, spec: StageSpec, *, aug
     if sharding is not None:  # split the batch over the devices; the rest follows
         patches = jax.lax.with_sharding_constraint(patches, sharding)
     inputs, pred_masks, _ = masking.make_blind_spot_batch(
-        k_mask, patches, spec.kernel_array, spec.mask_percentage, spec.strategy
+        k_mask, patches, spec.kernel_array, spec.mask_percentage, spec.strategy, spec.cluster
     )
     if augment:
         # Masks are drawn in the patch's own orientation, then everything turns together: the

@@ -15,6 +15,7 @@ from scipy import ndimage
 
 from autostructn2v_jax.errors import ConfigError
 from autostructn2v_jax.masking import (
+    cluster_kernel,
     crop_kernel,
     make_blind_spot_batch,
     mask_capacity,
@@ -24,6 +25,7 @@ from autostructn2v_jax.masking import (
     stage1_kernel,
     strategy_id,
     tile_mask,
+    use_cluster,
 )
 
 PIXEL = np.ones((1, 1), bool)
@@ -425,3 +427,78 @@ def test_crop_kernel_is_canonical_and_draws_the_same_masks():
     assert train.StageSpec.from_config("stage2", cfg, padded) == train.StageSpec.from_config("stage2", cfg, line)
     with pytest.raises(ValueError, match="centre"):
         crop_kernel(np.zeros((3, 3), bool))
+
+
+# ----------------------------------------------------------------------------- clustered copies
+
+
+@pytest.mark.parametrize("kernel, shape, size", [
+    (PIXEL, (1, 1), 1),
+    (LINE5, (1, 9), 9),
+    (np.ones((3, 3), bool), (5, 5), 25),
+    (stage1_kernel(1), (1, 1), 1),
+])
+def test_cluster_kernel_is_the_kernel_dilated_by_itself(kernel, shape, size):
+    big = cluster_kernel(kernel)
+    assert big.shape == shape and big.sum() == size
+    small = crop_kernel(kernel)
+    np.testing.assert_array_equal(big, ndimage.binary_dilation(
+        np.pad(small, [(s // 2, s // 2) for s in small.shape]), structure=small[::-1, ::-1]))
+
+
+@settings(max_examples=8, deadline=None)
+@given(kernel=kernels(), pct=st.floats(2.0, 30.0), seed=st.integers(0, 2**31 - 1))
+def test_clustered_masks_hide_the_whole_kernel_around_every_loss_pixel(kernel, pct, seed):
+    """With ``cluster`` the copies are those of ``K (+) K`` (same draw, same checks), each gives
+    |K| loss pixels, and around every loss pixel the whole kernel is hidden (the blind-spot
+    condition), as around a single centre."""
+    shape = (40, 40)
+    big = cluster_kernel(kernel)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a big kernel at a high percentage may be capped
+        lay = mask_layout(kernel, shape, pct, cluster=True)
+    patches = jnp.asarray(np.random.default_rng(seed).random((2, *shape)), jnp.float32)
+
+    @jax.jit
+    def draw(key):
+        return (make_blind_spot_batch(key, patches, kernel, pct, "local_mean", cluster=True),
+                make_blind_spot_batch(key, patches, big, pct, "local_mean"))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (inputs, pm, im), (_, big_pm, big_im) = draw(jax.random.key(seed))
+    im, pm = np.asarray(im), np.asarray(pm)
+    np.testing.assert_array_equal(im, np.asarray(big_im))
+    dy, dx = trimmed(kernel)
+    for i in range(2):
+        assert check_masks(im[i], np.asarray(big_pm)[i], big) == lay.n
+        assert not np.any(np.asarray(big_pm)[i] & ~pm[i])  # the copy's centre is a loss pixel
+        ys, xs = np.nonzero(pm[i])
+        assert len(ys) == lay.n * int(crop_kernel(kernel).sum())
+        for y, x in zip(ys, xs):
+            assert min(y + dy) >= 0 and min(x + dx) >= 0 and im[i][y + dy, x + dx].all()
+    np.testing.assert_array_equal(np.asarray(inputs)[~im], np.asarray(patches)[~im])
+
+
+def test_use_cluster_only_for_lines_that_fit():
+    line = np.ones((1, 9), bool)
+    assert use_cluster(line, (64, 64), 10.0)
+    assert use_cluster(np.eye(7, dtype=bool), (64, 64), 10.0)  # a diagonal line
+    gapped = np.zeros((1, 9), bool)
+    gapped[0, ::2] = True  # evenly spaced: still a line (its sum with itself: 9 of 17 pixels)
+    assert use_cluster(gapped, (64, 64), 10.0)
+    thick = np.zeros((3, 9), bool)
+    thick[1, :] = True
+    thick[0, 3:5] = thick[2, 4:6] = True  # the quality test's 13-pixel 3x9 mask kind
+    for kernel in (np.ones((3, 3), bool), thick, LINE5 | LINE5.T):
+        assert not use_cluster(kernel, (64, 64), 10.0), kernel.astype(int)
+    assert not use_cluster(PIXEL, (64, 64), 10.0) and not use_cluster(stage1_kernel(1), (64, 64), 10.0)
+    assert not use_cluster(np.ones((1, 41), bool), (64, 64), 10.0)  # 81 px: wider than the patch
+    from autostructn2v_jax import config, train
+
+    cfg = config.base_config()
+    assert train.StageSpec.from_config("stage2", cfg.stage2, line).cluster
+    cfg.stage2.mask_cluster = False
+    assert not train.StageSpec.from_config("stage2", cfg.stage2, line).cluster
+    # a 1-px blind spot gives the same spec whatever the flag (stage 2 continuing stage 1 shares its step)
+    assert not train.StageSpec.from_config("stage2", config.base_config().stage2, PIXEL).cluster
