@@ -363,7 +363,7 @@ DESCRIPTIONS = {
     "patches_per_image": "patches per image plane per epoch (defines the epoch length)",
     "num_val_patches": "size of the fixed validation set (patches and masks drawn once)",
     "mask_percentage": "target percentage of hidden pixels per patch",
-    "mask_cluster": "for a line mask (evenly spaced collinear pixels): hide copies of the line extended to twice its length and take the loss at every pixel whose whole mask is hidden (9 loss pixels per 17 hidden for a 9-pixel line, instead of 1 per 9); other masks keep one loss pixel per copy",
+    "mask_cluster": "for a line mask (evenly spaced collinear pixels) whose doubled copies still tile the patch at mask_percentage: hide copies of the line extended to twice its length and take the loss at every pixel whose whole mask is hidden (9 loss pixels per 17 hidden for a 9-pixel line, instead of 1 per 9); other masks keep one loss pixel per copy",
     "mask_center_size": "stage 1: side of the hidden centre block (odd)",
     "replacement_strategy": "local_mean (0): mean of unmasked 3x3 neighbours; zero (1); random (2): a random unmasked value; median: median of unmasked 3x3 neighbours (N2V2)",
     "pool": "U-Net down-sampling: max (2x2 max-pool) or blur (N2V2 max-blur-pool, against checkerboard artefacts)",

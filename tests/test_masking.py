@@ -483,7 +483,9 @@ def test_clustered_masks_hide_the_whole_kernel_around_every_loss_pixel(kernel, p
 def test_use_cluster_only_for_lines_that_fit():
     line = np.ones((1, 9), bool)
     assert use_cluster(line, (64, 64), 10.0)
-    assert use_cluster(np.eye(7, dtype=bool), (64, 64), 10.0)  # a diagonal line
+    assert use_cluster(np.eye(3, dtype=bool), (64, 64), 10.0)  # a diagonal line
+    # a longer diagonal's cluster (a 13x13 box) leaves room for 5 % only: single copies
+    assert not use_cluster(np.eye(7, dtype=bool), (64, 64), 10.0)
     gapped = np.zeros((1, 9), bool)
     gapped[0, ::2] = True  # evenly spaced: still a line (its sum with itself: 9 of 17 pixels)
     assert use_cluster(gapped, (64, 64), 10.0)
