@@ -93,7 +93,8 @@ def history(run_dir: str | os.PathLike) -> dict:
 def tiled_mask(mask: np.ndarray, patch_size: int = 96, mask_percentage: float = 10.0,
                seed: int = 0, cluster: bool = True) -> np.ndarray:
     """One random tiling of `mask` over a patch, as drawn for every patch during training
-    (`cluster`: copies of the mask dilated by itself, stage 2's default `mask_cluster`)."""
+    (`cluster`: a line mask's copies are the line twice as long, as with stage 2's default
+    `mask_cluster`)."""
     from autostructn2v_jax import masking
 
     input_mask, _ = masking.draw_mask(seed, np.asarray(mask, bool), (patch_size, patch_size),

@@ -107,7 +107,7 @@ def use_cluster(kernel, patch_shape: tuple[int, int], mask_percentage: float) ->
     small as possible, ``|K (+) K| = 2|K| - 1`` (Freiman). A line's cluster is a line twice as
     long, so every hidden pixel keeps its visible neighbours across the line; a 2-D kernel's
     cluster is a hole about 3.5x its size, and on the quality tests' 2-D and 3x9 masks it lost
-    0.9-1.7 dB. Also ``K (+) K`` must tile the patch at the full percentage (or as much of it as
+    0.2-1.7 dB. Also ``K (+) K`` must tile the patch at the full percentage (or as much of it as
     the kernel itself allows): a diagonal's cluster fills a box twice as wide, and where fewer
     copies fit (a 9-pixel diagonal on a 32-pixel patch: 1.7 % hidden instead of 7.9 %) stage 2 lost
     1.1 dB, as many loss pixels as before but from few places. A single pixel is its own cluster
@@ -190,17 +190,13 @@ def _options(kernel, patch_shape):
     return box, center, offsets, (h, w), oy, ox
 
 
-def _tiled_kernel(kernel, cluster: bool) -> np.ndarray:
-    return cluster_kernel(kernel) if cluster else np.asarray(kernel).astype(bool)
-
-
-def mask_capacity(kernel, patch_shape: tuple[int, int], cluster: bool = False) -> float:
+def mask_capacity(kernel, patch_shape: tuple[int, int]) -> float:
     """Largest mask percentage ``tile_mask`` can achieve for ``kernel`` on ``patch_shape``.
 
     Each copy needs its own cell of >= (kh+1) x (kw+1) pixels, so this is about
     ``100 * |K| / ((kh+1)(kw+1))``, a little less for small patches.
     """
-    _, _, offsets, (h, w), oy, ox = _options(_tiled_kernel(kernel, cluster), patch_shape)
+    _, _, offsets, (h, w), oy, ox = _options(kernel, patch_shape)
     return 100.0 * len(offsets) * int(oy[:, 2].max()) * int(ox[:, 2].max()) / (h * w)
 
 
@@ -271,7 +267,8 @@ def _mask_layout(kbytes: bytes, kshape, patch_shape, mask_percentage: float,
 
 
 def tile_mask(
-    key: jax.Array, kernel, patch_shape: tuple[int, int], mask_percentage: float
+    key: jax.Array, kernel, patch_shape: tuple[int, int], mask_percentage: float,
+    cluster: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Draw a blind-spot mask: ``(input_mask, prediction_mask)``, both bool ``patch_shape``.
 
@@ -281,14 +278,15 @@ def tile_mask(
     copy's bounding box sits at a random offset leaving >= 1 empty pixel before the next cell, so
     no two copies overlap or touch (8-adjacency). The ``n`` cells are drawn at random (without
     replacement) among the usable ones, weighted by their number of positions (Gumbel top-k), so
-    cells clipped by the border are not over-used. ``input_mask`` = union of the copies, ``prediction_mask`` = centres.
+    cells clipped by the border are not over-used. ``input_mask`` = union of the copies, ``prediction_mask`` = centres
+    (with ``cluster``: copies of ``cluster_kernel(kernel)``, every pixel of ``kernel`` in each).
 
     Achieved percentage: exactly ``100 * n * |K| / (H*W)`` with ``n = round(pct/100*H*W/|K|)``,
     i.e. within ``|K|/2`` pixels of the target, unless capped at ``mask_capacity`` (max density
     about ``|K| / ((kh+1)(kw+1))``; a warning is emitted at trace time). No scans, static shapes:
     one sort over the cells and two scatters, cheap enough for every patch at every step.
     """
-    lay = mask_layout(kernel, patch_shape, mask_percentage)
+    lay = mask_layout(kernel, patch_shape, mask_percentage, cluster)
     return _tile_mask_from_bits(randbits.draw(key, (_tile_mask_bits(lay),)), lay, patch_shape)
 
 
@@ -330,8 +328,7 @@ def draw_mask(seed: int, kernel, patch_shape: tuple[int, int], mask_percentage: 
     Compiled as one function (run op by op it compiles ~40 small ones)."""
     shape = tuple(int(s) for s in patch_shape)
     cluster = bool(cluster) and use_cluster(kernel, shape, mask_percentage)
-    lay = mask_layout(kernel, shape, mask_percentage, cluster)
-    fn = jax.jit(lambda k: _tile_mask_from_bits(randbits.draw(k, (_tile_mask_bits(lay),)), lay, shape))
+    fn = jax.jit(lambda k: tile_mask(k, kernel, shape, float(mask_percentage), cluster))
     input_mask, pred_mask = fn(jax.random.key(int(seed)))
     return np.asarray(input_mask), np.asarray(pred_mask)
 
