@@ -58,6 +58,16 @@ _FLAT_SMOOTH = 4.0  # rank tiles by their coarse detail (what the inversion ampl
 # photo content into the recovered ACF as a pedestal of 0.1-0.2 (docs/benchmarks.md)
 _PEDESTAL_SIGMA = 2.0  # the smooth pedestal: a Gaussian of this sigma (lags) over the other lags
 _PEDESTAL_ROUNDS = 4
+# The recovery's model (a correlation within radius 8) fails when the fit leaves more than this
+# share of the measured ACF unexplained: stripes along whole rows or columns gave 0.70-0.73, every
+# other shape of the noise family at most 0.32 (docs/benchmarks.md, "Noise family").
+_MAX_FIT_RESIDUAL = 0.5
+# A *line* detection: significance candidates at most this thick (std across their main axis, in
+# lags) and on average this far above the baseline.  Lines survive the high-pass at full strength
+# (0.19-0.31 on the family's lines); 2-D kernels whose high-passed ACF happens to leave a thin
+# detection (box, Gaussian sigma 2, L) stay at 0.05-0.10, and a 30-degree ellipse is thicker.
+_LINE_MAX_THICKNESS = 0.3
+_LINE_MIN_EXCESS = 0.15
 
 
 def threshold_surface(size: int, cb: float, df: float) -> np.ndarray:
@@ -186,7 +196,20 @@ def _excess(noise: np.ndarray, core: np.ndarray, threshold: float) -> np.ndarray
     return excess
 
 
-def _deconvolved_method(detected: np.ndarray, info: dict, noise_acf: Any, cfg: Any) -> tuple[np.ndarray, dict]:
+def _is_line_detection(detected: np.ndarray, excess: np.ndarray) -> bool:
+    """Whether the significance candidates are a strong, thin line through the centre."""
+    ys, xs = np.nonzero(detected)
+    if len(ys) < 3:
+        return False
+    thickness = math.sqrt(max(float(np.linalg.eigvalsh(np.cov(np.stack([ys, xs]).astype(float)))[0]), 0.0))
+    c = detected.shape[0] // 2
+    off = detected.copy()
+    off[c, c] = False
+    return thickness <= _LINE_MAX_THICKNESS and float(np.mean(excess[off])) >= _LINE_MIN_EXCESS
+
+
+def _deconvolved_method(detected: np.ndarray, info: dict, noise_acf: Any, cfg: Any,
+                        fit_residual: float | None) -> tuple[np.ndarray, dict]:
     """Extent from the recovered noise ACF, when any of the three detectors finds structure."""
     if noise_acf is None:
         raise ValueError("the deconvolved method needs noise_acf (find_structural_mask computes it)")
@@ -209,10 +232,22 @@ def _deconvolved_method(detected: np.ndarray, info: dict, noise_acf: Any, cfg: A
     kept = noise >= cfg.deconv_threshold
     # The recovery assumes a correlation shorter than its radius.  A longer one (the significance
     # test reaches beyond it: long lines, stripes) is smeared into a pedestal; keep only what
-    # stands out of it.
+    # stands out of it.  The same for a line found by the significance test: image content left
+    # in the flattest tiles adds a pedestal of 0.1-0.13 around it (cells, photos), while the line
+    # itself stands 0.2-0.9 above it.
     info["long"] = bool((info["candidates"] & (chebyshev(noise.shape[0]) > _DECONV_RADIUS)).any())
-    if info["long"]:
+    info["line"] = _is_line_detection(detected, info["excess"])
+    if info["long"] or info["line"]:
         kept &= excess >= cfg.deconv_excess_threshold
+    # A line the model cannot hold (stripes along whole rows: fit residual 0.7) is recovered as a
+    # broad plateau; the significance candidates alone give the extent.  Only for lines: on dense
+    # texture the fit fails too, but there the recovered ACF still carries a 2-D correlation's
+    # extent that the high-passed one has lost (recall 0.2-0.4 without it; docs/benchmarks.md).
+    info["fit_residual"] = fit_residual
+    if (info["long"] or info["line"]) and fit_residual is not None and fit_residual > _MAX_FIT_RESIDUAL:
+        kept[:] = False
+        info["note"] = (f"the recovered correlation does not fit (residual {fit_residual:.2f}): "
+                        "extent from the significance test alone")
     cand = info["candidates"] | kept
     info["candidates"] = cand
     return finish(cand.copy(), noise, cfg), info
@@ -226,6 +261,7 @@ def extract_structural_mask(
     is_log: bool | None = None,
     baseline: str = "outer_ring",
     noise_acf: Any = None,
+    noise_fit_residual: float | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Structural kernel from a centred ACF (host side, numpy/scipy).
 
@@ -245,6 +281,9 @@ def extract_structural_mask(
         under-estimated by the pedestal.  ``"none"``: test ``rho`` itself.
       noise_acf: deconvolved method only: the noise correlation recovered before the high-pass
         (:func:`autocorr.deconvolve_highpass`, normalised, zero lag in the middle).
+      noise_fit_residual: deconvolved method only: the recovery's relative fit residual
+        (``deconvolve_highpass(..., with_residual=True)``); above 0.5 the recovered ACF is not
+        used for the extent of a line (stripes).  ``None``: not checked.
 
     Ring method (``method="ring"``):
       1. crop ``center_size x center_size`` around the centre; ``ratio = crop / centre``;
@@ -276,8 +315,9 @@ def extract_structural_mask(
     smooth pedestal (:func:`smooth_pedestal`: what image content leaks into it); otherwise the mask
     is the centre alone.  Otherwise the *extent* is read from ``noise_acf``: every lag whose
     recovered correlation is ``>= deconv_threshold`` is added to the detector's candidates (when
-    the candidates reach beyond the recovery radius, 8, only those that also stand out of the
-    pedestal).  The high-pass keeps the direction of a correlation but shrinks a two-dimensional
+    the candidates reach beyond the recovery radius, 8, or form a strong thin line, only those
+    that also stand out of the pedestal; for a line, none when the recovery does not fit the
+    measured ACF, ``noise_fit_residual > 0.5``: stripes).  The high-pass keeps the direction of a correlation but shrinks a two-dimensional
     one; the recovered ACF restores its size.
 
     All methods then symmetrise under 180 degree rotation (OR), set the centre, keep the
@@ -313,7 +353,7 @@ def extract_structural_mask(
         n = cfg.num_pixels if num_pixels is None else int(num_pixels)
         mask, info = _significance_method(crop, cfg, n, baseline)
         if cfg.method == "deconvolved":
-            mask, info = _deconvolved_method(mask, info, noise_acf, cfg)
+            mask, info = _deconvolved_method(mask, info, noise_acf, cfg, noise_fit_residual)
     info["method"] = cfg.method
     info["acf_crop"] = crop
     info["center_size"] = cfg.center_size
@@ -359,7 +399,7 @@ def find_structural_mask(
         acf = np.asarray(autocorrelation(x, normalize=True, log=True))
     else:
         acf = np.asarray(autocorrelation(x, normalize=True, log=False, unbiased=True))
-    tile_acf, tile, noise_acf = None, min(32, h, w), None
+    tile_acf, tile, noise_acf, residual = None, min(32, h, w), None, None
     if cfg.method == "deconvolved":
         tiles = flattest_tiles(np.asarray(x), tile, cfg.flat_fraction, _FLAT_SMOOTH, _FLAT_SPREAD)
         tile_acf = np.asarray(autocorrelation(tiles, normalize=False, log=False, unbiased=True))
@@ -369,7 +409,8 @@ def find_structural_mask(
         # candidates carry them beyond radius 8.
         r = min(_DECONV_RADIUS, tile // 2)
         k = max(r, min(r + 2 * math.ceil(4 * cfg.highpass_sigma), tile - 8))
-        noise_acf = deconvolve_highpass(crop_center(tile_acf, 2 * k + 1), cfg.highpass_sigma, r)
+        noise_acf, residual = deconvolve_highpass(crop_center(tile_acf, 2 * k + 1), cfg.highpass_sigma,
+                                                  r, with_residual=True)
     largest = _odd_at_most(min(cfg.max_center_size, h, w))
     size = cfg.center_size
     while True:
@@ -380,7 +421,7 @@ def find_structural_mask(
             npx = num_pixels or cfg.num_pixels or n * max(h - half, 1) * max(w - half, 1)
             kwargs.update(num_pixels=int(npx), baseline=baseline)
         if tile_acf is not None:
-            kwargs["noise_acf"] = noise_acf
+            kwargs.update(noise_acf=noise_acf, noise_fit_residual=residual)
         mask, info = extract_structural_mask(acf, step, **kwargs)
         if not touches_edge(mask) or size >= largest:
             break
