@@ -201,7 +201,8 @@ def _is_line_detection(detected: np.ndarray, excess: np.ndarray) -> bool:
     ys, xs = np.nonzero(detected)
     if len(ys) < 3:
         return False
-    thickness = math.sqrt(max(float(np.linalg.eigvalsh(np.cov(np.stack([ys, xs]).astype(float)))[0]), 0.0))
+    smallest = float(np.linalg.eigvalsh(np.cov(np.stack([ys, xs]).astype(float)))[0])
+    thickness = math.sqrt(max(smallest, 0.0))  # std across the main axis, in lags
     c = detected.shape[0] // 2
     off = detected.copy()
     off[c, c] = False
@@ -240,9 +241,10 @@ def _deconvolved_method(detected: np.ndarray, info: dict, noise_acf: Any, cfg: A
     if info["long"] or info["line"]:
         kept &= excess >= cfg.deconv_excess_threshold
     # A line the model cannot hold (stripes along whole rows: fit residual 0.7) is recovered as a
-    # broad plateau; the significance candidates alone give the extent.  Only for lines: on dense
-    # texture the fit fails too, but there the recovered ACF still carries a 2-D correlation's
-    # extent that the high-passed one has lost (recall 0.2-0.4 without it; docs/benchmarks.md).
+    # broad plateau; the significance candidates alone give the extent.  For long or line
+    # detections only, where it was measured (for every detection the family's totals were the
+    # same).  On dense texture it also fires and trades 2-D extent for fewer false lags
+    # (docs/benchmarks.md, "Noise family").
     info["fit_residual"] = fit_residual
     if (info["long"] or info["line"]) and fit_residual is not None and fit_residual > _MAX_FIT_RESIDUAL:
         kept[:] = False
@@ -317,8 +319,8 @@ def extract_structural_mask(
     recovered correlation is ``>= deconv_threshold`` is added to the detector's candidates (when
     the candidates reach beyond the recovery radius, 8, or form a strong thin line, only those
     that also stand out of the pedestal; for a line, none when the recovery does not fit the
-    measured ACF, ``noise_fit_residual > 0.5``: stripes).  The high-pass keeps the direction of a correlation but shrinks a two-dimensional
-    one; the recovered ACF restores its size.
+    measured ACF, ``noise_fit_residual > 0.5``: stripes).  The high-pass keeps the direction of a
+    correlation but shrinks a two-dimensional one; the recovered ACF restores its size.
 
     All methods then symmetrise under 180 degree rotation (OR), set the centre, keep the
     8-connected component holding the centre (``keep_center_component_only``) and cap the count
