@@ -81,6 +81,10 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.lr_schedule = "auto"  # auto: cosine with a time budget, plateau without
     cfg.warmup_fraction = 0.05
     cfg.posterior_mean = "gaussian"  # posterior-mean final step on every prediction (posterior.py)
+    # Joint posterior under the noise correlation over a stage-2 mask: +0.26-0.30 dB on a 300-step
+    # features-16 model (hcorr), -0.15 / -1.3 dB on the quality tests' small networks: opt-in
+    # (docs/benchmarks.md, "Correlated posterior").
+    cfg.posterior_correlated = False
     # Mean over the 8 flips/rotations of every prediction, for stages trained with them (auto):
     # +0.56 dB (white) and +0.94 dB (hcorr) on the 5-minute runs, for 8x the network work at
     # prediction (docs/benchmarks.md, "Test-time augmentation by default").
@@ -268,6 +272,8 @@ def validate_config(cfg: ml_collections.ConfigDict, *, need_io: bool = True) -> 
            f"must be 'input' or 'float32', got {cfg.output_dtype!r}")
     _check(cfg.posterior_mean in POSTERIOR_MODES, "posterior_mean",
            f"must be one of {POSTERIOR_MODES}, got {cfg.posterior_mean!r}")
+    _check(isinstance(cfg.posterior_correlated, bool), "posterior_correlated",
+           f"must be true or false, got {cfg.posterior_correlated!r}")
     _check(cfg.tta in TTA_MODES, "tta", f"must be one of {TTA_MODES}, got {cfg.tta!r}")
     _check(cfg.axes in ("", "YX", "SYX", "ZYX", "TYX", "CYX"), "axes",
            f"must be one of '', YX, SYX, ZYX, TYX, CYX; got {cfg.axes!r}")
@@ -352,6 +358,7 @@ DESCRIPTIONS = {
     "lr_schedule": "auto (cosine with a time budget, plateau without), plateau (ReduceLROnPlateau), cosine (warm-up then cosine to 0 over the budget or num_epochs)",
     "warmup_fraction": "cosine schedule: fraction of the budget (or of the steps) spent warming the learning rate up from 0",
     "posterior_mean": "final step after each stage's prediction: combine it with the noisy pixel itself (posterior mean, noise model estimated from the data): off, gaussian or poisson_gaussian",
+    "posterior_correlated": "with posterior_mean on, a stage with a structural mask (stage 2) uses the noise correlation over its mask, estimated from the residuals, in a joint posterior mean of the whole plane (helps well-trained models on line-correlated noise; off by default)",
     "tta": "test-time augmentation of the run's predictions (and the default of `predict`): the mean over the 8 flips/90-degree rotations. auto: for a stage trained with use_augmentation (its network has seen every orientation of the image and of the structured noise), on, off. Prediction does 8x the network work",
     "run_stage1": "train stage 1 (Noise2Void)",
     "run_stage2": "train stage 2 (structured Noise2Void)",

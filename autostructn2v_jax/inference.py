@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 BLIND_FRACTION = 0.05
 BLIND_MAX_PASSES = 8
 BLIND_SAMPLES = 200_000
+#: Pixels pooled for the noise correlation of a structured-noise stage (first usable planes).
+CORRELATION_PIXELS = 1 << 22
 
 
 @functools.lru_cache(maxsize=32)
@@ -46,7 +48,7 @@ class StageModel:
     """A trained stage: its variables and a tiled predictor for whole images."""
 
     def __init__(self, variables: dict, stage_cfg, tta: bool = False, posterior_mean: str = "off",
-                 kernel=None):
+                 kernel=None, posterior_correlated: bool = False):
         self.variables = variables
         # The blind spot it was trained with (the centre pixel when not given), its density and
         # replacement: the pooled noise estimate predicts with it hidden (:meth:`blind_predictions`).
@@ -54,6 +56,7 @@ class StageModel:
         self.mask_percentage = float(stage_cfg.get("mask_percentage", 15.0))
         self.strategy = str(stage_cfg.get("replacement_strategy", "local_mean"))
         self.posterior_mean = posterior_mean  # "off" or a noise model of `posterior.NOISE_MODELS`
+        self.posterior_correlated = bool(posterior_correlated)  # joint step over the mask's lags
         self.num_layers = int(stage_cfg.num_layers)
         self.features = int(stage_cfg.features)
         self.tile_size = int(stage_cfg.predict_tile_size)
@@ -95,13 +98,15 @@ class StageModel:
             out.append((self(np.asarray(replaced), tta=False), np.asarray(centres)))
         return out
 
-    def finish(self, normed: np.ndarray, prediction: np.ndarray, noise=None) -> np.ndarray:
+    def finish(self, normed: np.ndarray, prediction: np.ndarray, noise=None, correlation=None) -> np.ndarray:
         """The written output: the prediction, combined with the noisy plane itself by the
         posterior-mean step unless ``posterior_mean`` is ``"off"``. ``noise``: the noise model in
-        this plane's normalised units (see :meth:`finish_all`); None estimates it from the plane."""
+        this plane's normalised units (see :meth:`finish_all`); None estimates it from the plane.
+        ``correlation``: the noise correlation over the stage's mask (structured noise), or None."""
         if self.posterior_mean == "off":
             return prediction
-        return posterior.posterior_step(normed, prediction, self.posterior_mean, noise=noise)
+        return posterior.posterior_step(normed, prediction, self.posterior_mean, noise=noise,
+                                        correlation=correlation)
 
     def finish_all(self, normed: list[list[np.ndarray]], predictions: list[list[np.ndarray]],
                    stats: list[list[dict]]) -> list[list[np.ndarray]]:
@@ -112,14 +117,30 @@ class StageModel:
         flat = lambda lists: [x for xs in lists for x in xs]  # noqa: E731
         planes = list(zip(flat(normed), flat(predictions), flat(stats)))
         usable = [_poolable(y) for y, _, _ in planes]
-        noise = None
+        noise, correlation = None, None
         if self.posterior_mean != "off" and any(usable):
             noise = posterior.estimate_noise_pooled(self._noise_samples(planes, usable),
                                                     model=self.posterior_mean)
+            correlation = self.noise_correlation(planes, usable)
         outs = iter([self.finish(y, mu, noise.rescaled(st["std"], st["mean"])
-                                 if noise is not None and ok else None)
+                                 if noise is not None and ok else None, correlation)
                      for (y, mu, st), ok in zip(planes, usable)])
         return [[next(outs) for _ in ys] for ys in normed]  # back into the files' grouping
+
+    def noise_correlation(self, planes: list, usable: list[bool]) -> np.ndarray | None:
+        """The noise correlation over the stage's structural mask (None for a one-pixel blind spot:
+        pixel-independent noise), pooled over the first usable planes up to ``CORRELATION_PIXELS``
+        pixels (:func:`posterior.estimate_correlation`). A stage-2 mask covers the lags where the
+        noise is correlated, so the posterior step can use them (docs/benchmarks.md, "Correlated
+        posterior")."""
+        if not self.posterior_correlated or int(self.kernel.sum()) <= 1:
+            return None
+        chosen, count = [], 0
+        for (y, mu, st), ok in zip(planes, usable):
+            if ok and count < CORRELATION_PIXELS:
+                chosen.append((y, mu, st["std"]))
+                count += y.size
+        return posterior.estimate_correlation(chosen, self.kernel) if chosen else None
 
     def _noise_samples(self, planes: list, usable: list[bool]) -> list[tuple]:
         """The planes' entries for :func:`posterior.estimate_noise_pooled`: with blind predictions
@@ -209,7 +230,8 @@ def load_run(run_dir: str | os.PathLike, stage: str | None = None):
         stage_cfg.update({k: meta[k] for k in config_lib.NETWORK_KEYS if k in meta})
         return cfg, name, StageModel(variables, stage_cfg, tta=uses_tta(cfg, cfg[name]),
                                      posterior_mean=cfg.posterior_mean,
-                                     kernel=np.asarray(meta["kernel"], bool) if "kernel" in meta else None)
+                                     kernel=np.asarray(meta["kernel"], bool) if "kernel" in meta else None,
+                                     posterior_correlated=bool(cfg.get("posterior_correlated", False)))
     raise UserInputError(f"{run_dir}: no trained stage found (no stage1/ or stage2/ model.json)")
 
 

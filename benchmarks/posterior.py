@@ -45,6 +45,7 @@ def stage_cfg(features: int, lr: float, strategy: str, stage2: bool, pool: str =
     s.patches_per_image, s.num_val_patches, s.use_roi = 50, 64, False
     s.replacement_strategy = strategy
     s.pool, s.top_skip = pool, top_skip
+    s.num_layers = 2  # both stages at depth 2 (the stage-2 default is 3), as predicted below
     cfg.num_epochs = 0  # set by the caller
     return cfg, s
 

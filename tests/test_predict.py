@@ -265,3 +265,32 @@ def test_tta_follows_the_config_and_the_training():
     assert inference.uses_tta(cfg, cfg.stage1)
     cfg.tta = "off"
     assert not inference.uses_tta(cfg, cfg.stage2)
+
+
+def test_structured_stage_posterior_uses_the_noise_correlation_over_its_mask():
+    """With `posterior_correlated`, a stage-2 model (a structural mask) finishes with the joint
+    posterior step: the noise correlation estimated over its mask, pooled; a one-pixel blind spot
+    keeps the per-pixel step."""
+    from autostructn2v_jax import config as config_lib
+    from autostructn2v_jax import inference, posterior
+
+    cfg = config_lib.base_config().stage2
+    cfg.features, cfg.num_layers, cfg.predict_tile_size = 8, 2, 64
+    kernel = np.ones((1, 7), bool)
+    variables = init_variables(8, 2, 32, 0)
+    model = inference.StageModel(variables, cfg, posterior_mean="gaussian", kernel=kernel,
+                                 posterior_correlated=True)
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((64, 84))
+    plane = (w[:, :80] + w[:, 1:81] + w[:, 2:82]).astype(np.float32)  # correlated along x
+    raw = model(plane)
+    rho = posterior.estimate_correlation([(plane, raw, 1.0)], kernel)
+    assert rho.shape == (1, 7) and rho[0, 2] > 0.2  # the x-correlation is seen
+    noise = posterior.estimate_noise_pooled([(plane, raw, 1.0, 0.0, model.blind_predictions(plane, seed=0))])
+    want = posterior.posterior_step(plane, raw, noise=noise, correlation=rho)
+    np.testing.assert_allclose(model.denoise(plane), want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(want, posterior.posterior_step(plane, raw, noise=noise), atol=1e-3)
+    # opt-in (config `posterior_correlated`), and never for a one-pixel blind spot
+    for other in (inference.StageModel(variables, cfg, posterior_mean="gaussian", kernel=kernel),
+                  inference.StageModel(variables, cfg, posterior_mean="gaussian", posterior_correlated=True)):
+        assert other.noise_correlation([(plane, raw, {"std": 1.0})], [True]) is None
