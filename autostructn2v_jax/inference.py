@@ -186,6 +186,13 @@ def _poolable(plane: np.ndarray) -> bool:
     return min(plane.shape) >= 3 and bool(np.ptp(plane) > 0)
 
 
+def stage_model(variables: dict, cfg, stage_cfg, kernel) -> StageModel:
+    """A trained stage with the run's prediction settings (``tta``, ``posterior_mean``,
+    ``posterior_correlated`` of the top-level ``cfg``)."""
+    return StageModel(variables, stage_cfg, tta=uses_tta(cfg, stage_cfg), posterior_mean=cfg.posterior_mean,
+                      kernel=kernel, posterior_correlated=bool(cfg.get("posterior_correlated", False)))
+
+
 def uses_tta(cfg, stage_cfg) -> bool:
     """Whether a stage's predictions average the 8 flips/rotations (top-level ``tta``): ``auto``
     only for a stage trained with them, since a network that never saw a rotated image (and its
@@ -228,10 +235,8 @@ def load_run(run_dir: str | os.PathLike, stage: str | None = None):
             raise UserInputError(f"{run_dir / name / 'checkpoints'}: no checkpoint found")
         stage_cfg = cfg[name].copy_and_resolve_references()  # the network as trained (model.json)
         stage_cfg.update({k: meta[k] for k in config_lib.NETWORK_KEYS if k in meta})
-        return cfg, name, StageModel(variables, stage_cfg, tta=uses_tta(cfg, cfg[name]),
-                                     posterior_mean=cfg.posterior_mean,
-                                     kernel=np.asarray(meta["kernel"], bool) if "kernel" in meta else None,
-                                     posterior_correlated=bool(cfg.get("posterior_correlated", False)))
+        return cfg, name, stage_model(variables, cfg, stage_cfg,
+                                      np.asarray(meta["kernel"], bool) if "kernel" in meta else None)
     raise UserInputError(f"{run_dir}: no trained stage found (no stage1/ or stage2/ model.json)")
 
 

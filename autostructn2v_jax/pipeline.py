@@ -316,9 +316,7 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
         trained_seconds += result.seconds
         stage1_variables, stage1_kernel = result.variables, kernel
         inference.save_model_json(run_dir / "stage1", s1, kernel, "stage1")
-        model = inference.StageModel(result.variables, s1, tta=inference.uses_tta(cfg, s1),
-                                     posterior_mean=cfg.posterior_mean, kernel=kernel,
-                                     posterior_correlated=cfg.posterior_correlated)
+        model = inference.stage_model(result.variables, cfg, s1, kernel)
         outputs["stage1"], stage1_out = denoise_dataset(model, ds, run_dir / "stage1" / "denoised", cfg)
         summary["stages"]["stage1"] = dict(best_val_loss=result.best_val_loss, epochs=result.epochs_run,
                                            stopped_early=result.stopped_early,
@@ -342,9 +340,7 @@ def run_pipeline(cfg, progress: Callable[[str, dict], None] | None = None) -> di
                                    budget_seconds=policy.stage_budget_seconds(cfg, "stage2", trained_seconds),
                                    init_variables=warm)
         inference.save_model_json(run_dir / "stage2", s2, kernel, "stage2")
-        model = inference.StageModel(result.variables, s2, tta=inference.uses_tta(cfg, s2),
-                                     posterior_mean=cfg.posterior_mean, kernel=kernel,
-                                     posterior_correlated=cfg.posterior_correlated)
+        model = inference.stage_model(result.variables, cfg, s2, kernel)
         outputs["stage2"], _ = denoise_dataset(model, ds, run_dir / "stage2" / "denoised", cfg)
         summary["stages"]["stage2"] = dict(best_val_loss=result.best_val_loss, epochs=result.epochs_run,
                                            stopped_early=result.stopped_early,
