@@ -269,7 +269,7 @@ def predict_files(run_dir, input_path, output_dir, *, overwrite: bool = False, a
         return [out_dir / path.name for path in paths]
     out_dir.mkdir(parents=True, exist_ok=True)
     # The in-memory files share one pooled noise model for the posterior step (large files stream
-    # strip by strip with a model per strip).
+    # strip by strip with a model per strip, and the per-pixel step even with posterior_correlated).
     small = [path for path in paths if path not in large]
     denoised = dict(zip(small, model.denoise_files([images[path][0] for path in small])))
     for path in paths:

@@ -24,7 +24,11 @@ noise: the step assumes the model's blind spot hides every pixel whose noise is 
 centre's (a stage-2 model with the structural mask). Then ``y - mu = prediction error + the
 pixel's own noise`` and ``s_n^2`` is the *total* noise variance at a pixel, which the residual-based
 estimate measures. A model that sees correlated neighbours (stage 1 on structured noise) has
-already absorbed part of the noise into ``mu``; the step then cannot remove that part.
+already absorbed part of the noise into ``mu``; the step then cannot remove that part. With the
+noise's correlation over such a mask (:func:`estimate_correlation`, ``correlation=`` below) the
+step can instead be the joint posterior mean of the whole plane, which reads the pixel's noise also
+from its correlated neighbours' residuals; it assumes a prediction error independent from pixel to
+pixel, which small, under-trained networks violate (docs/benchmarks.md, "Correlated posterior").
 """
 
 from __future__ import annotations
