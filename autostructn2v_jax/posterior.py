@@ -294,9 +294,9 @@ def posterior_mean(noisy, prediction, noise: Union[NoiseModel, float], *,
         raise ValueError(f"bins must be an integer >= 1, got {bins!r}")
     nm = noise if isinstance(noise, NoiseModel) else NoiseModel(0.0, noise)
     a, b = jnp.float32(nm.a), jnp.float32(nm.b)
-    if correlation is None or np.size(correlation) == 1:
+    rho = None if correlation is None else _check_correlation(correlation)
+    if rho is None or rho.size == 1:
         return _posterior(y, mu, a, b, int(bins))
-    rho = _check_correlation(correlation)
     return _posterior_correlated(y, mu, a, b, jnp.asarray(rho, jnp.float32), int(bins), int(iters))
 
 
@@ -340,7 +340,8 @@ def estimate_correlation(planes, support, *, flat_fraction: float = 0.5) -> np.n
     k = k | k[::-1, ::-1]
     cy, cx = k.shape[0] // 2, k.shape[1] // 2
     k[cy, cx] = True
-    lags = [(dy - cy, dx - cx) for dy, dx in zip(*np.nonzero(k))]
+    # Lag -d pairs the same pixels as lag d: measure one of each pair and mirror it.
+    lags = [(dy - cy, dx - cx) for dy, dx in zip(*np.nonzero(k)) if (dy - cy, dx - cx) >= (0, 0)]
     num, den = np.zeros(len(lags)), np.zeros(len(lags))
     for y, mu, scale in planes:
         y, mu = np.asarray(y, np.float64), np.asarray(mu, np.float64)
@@ -365,9 +366,7 @@ def estimate_correlation(planes, support, *, flat_fraction: float = 0.5) -> np.n
         rho[cy, cx] = 1.0
         return rho
     for (oy, ox), c in zip(lags, cov):
-        rho[cy + oy, cx + ox] = c / var
-    rho = (rho + rho[::-1, ::-1]) / 2.0
-    rho[cy, cx] = 1.0
+        rho[cy + oy, cx + ox] = rho[cy - oy, cx - ox] = c / var
     return _positive_definite(rho)
 
 
