@@ -39,14 +39,10 @@ STAGE2_MIN_GAIN_DB = 2.0
 # +2.82 / +5.08 / +3.31 at depth 2; seed 2 re-measured +2.31 in the twelfth session). With clustered
 # copies of these 2-D masks (not the default: masking.use_cluster) +3.73 / +3.41 / +1.63.
 STAGE2_2D_MIN_GAIN_DB = 1.4
-# Augmentation on vs off (the x-correlated test's stage 2 against mode 3 with its mask, no
-# flips/rotations; same data, seed and steps): measured on - off = +0.01 / +0.31 / +0.33 dB (seeds
-# 0 / 1 / 2, twelfth session, clustered line masks; +1.03 / -0.05 / +0.33 without; seed 2 with its
-# 3x9 mask). The separate test this replaced (both runs in
-# mode 3 with a 9-pixel line) measured +1.02 / -0.20 / -0.58 dB.
-# Flips/rotations turn the kernel with the patch, so augmentation must not hurt; 0.7 dB allows
-# for the difference in the random streams of two 200-step runs, which the seeds show.
-AUG_TOLERANCE_DB = 0.7
+# (An augmentation check, augmented vs plain stage 2 within 0.7 dB, was dropped on 2026-12-04: on
+# an Intel machine correct code measured -0.78 / -0.38 / +0.78 dB and code that drew the mask after
+# turning the patch -1.60 / -1.60 / -0.49 (seeds 0 / 1 / 2), so no tolerance separates them.
+# tests/test_train.py::test_structural_masks_turn_with_the_augmented_patch checks it exactly.)
 
 
 def small_config(data_dir: pathlib.Path, run_dir: pathlib.Path, *, seed: int = SEED,
@@ -107,21 +103,6 @@ def test_stage2_beats_stage1_on_x_correlated_noise(hcorr_data, tmp_path):
     assert mask[c].sum() >= 3 and mask.sum() == mask[c].sum(), extraction.mask_summary(mask)
     assert psnr["stage1"] > psnr["noisy"], psnr
     assert gain >= STAGE2_MIN_GAIN_DB, psnr
-
-    # Augmentation: the same stage 2 (mode 3: the mask found above as a file, same data, seed and
-    # steps) without flips and rotations must not do better than with them. Part of this test, so
-    # the augmented run is the one above instead of a third training of the same thing.
-    cfg = small_config(hcorr_data, tmp_path / "run_noaug")
-    cfg.run_stage1 = False
-    cfg.stage2.mask_source = "file"
-    cfg.stage2.mask_file_path = str(mask_path)
-    cfg.stage2.use_augmentation = False
-    off = pipeline.run_pipeline(cfg)["psnr"]["mean"]
-    on = psnr["stage2"]
-    print(f"augmentation on {on:.2f} dB, off {off['stage2']:.2f} dB (difference "
-          f"{on - off['stage2']:+.2f} dB; tolerance -{AUG_TOLERANCE_DB} dB)")
-    assert off["stage2"] > off["noisy"] + 3.0, off  # both runs actually denoise
-    assert on >= off["stage2"] - AUG_TOLERANCE_DB, (on, off)
 
 
 def test_stage2_beats_stage1_on_2d_correlated_noise(tmp_path):

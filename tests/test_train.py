@@ -281,3 +281,38 @@ def test_warm_start_rule():
     cfg.stage2.features = cfg.stage1.features
     cfg.stage2.warm_start = "off"
     assert pipeline.warm_start_variables(cfg, donor, centre, alone) is None
+
+
+def test_structural_masks_turn_with_the_augmented_patch():
+    """FIELD-ANCHORS: a structured mask must follow the patch's rotation. Every plane value encodes
+    its position (``1 + 64 y + x``), so each augmented patch shows where its original x axis went
+    (neighbours along it differ by 1). With the "zero" replacement, the hidden pixels around every
+    loss pixel must be the horizontal kernel turned onto that axis, in every patch of the batch.
+
+    (Replaces a PSNR comparison of augmented and plain stage-2 runs that could not tell this bug
+    from the spread of 200-step runs: docs/benchmarks.md, "Augmentation check".)"""
+    side, p = 64, 32
+    plane = (1.0 + np.arange(side * side, dtype=np.float32)).reshape(side, side)
+    kernel = np.zeros((5, 5), bool)
+    kernel[2] = True  # a horizontal line of 5
+    cfg = _cfg(replacement_strategy="zero", batch_size=16, mask_percentage=5.0, use_augmentation=True)
+    spec = train.StageSpec.from_config("stage2", cfg.stage1, kernel)
+    assert spec.use_augmentation and not spec.cluster
+    bank = jax.device_put(sampling.make_bank([plane], p))
+    inputs, targets, pred = (np.asarray(a) for a in jax.jit(
+        lambda k, b: train.make_batch(k, b, spec, augment=True))(jax.random.key(0), bank))
+    orientations = set()
+    for i, t, m in zip(inputs, targets, pred):
+        x_along_columns = bool(np.all(np.abs(np.diff(t, axis=1)) == 1))
+        assert x_along_columns != bool(np.all(np.abs(np.diff(t, axis=0)) == 1))
+        orientations.add(x_along_columns)
+        hidden = np.pad((i == 0) & (t != 0), 2)
+        centres = np.argwhere(m)
+        assert len(centres) > 0
+        for r, c in centres:
+            window = hidden[r:r + 5, c:c + 5]
+            along, across = (window[2], window[:, 2]) if x_along_columns else (window[:, 2], window[2])
+            assert along.all(), window  # the whole line lies along the image's x axis
+            # and not across it (another copy may lie 2 pixels away, never adjacent)
+            np.testing.assert_array_equal(across[1:4], [False, True, False])
+    assert orientations == {True, False}  # the batch holds both orientations of the line
