@@ -23,8 +23,9 @@ def _setup_jax() -> None:
     cache = os.environ.get("AUTOSTRUCTN2V_CACHE_DIR") or str(pathlib.Path.home() / ".cache" / "autostructn2v_jax")
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    from autostructn2v_jax import parallel
+    from autostructn2v_jax import compile_options, parallel
 
+    compile_options.check_environment()  # a bad AUTOSTRUCTN2V_CPU_CONV fails before any output
     parallel.initialize_distributed()
 
 

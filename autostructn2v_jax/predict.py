@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import compile_options
 from .errors import ConfigError, UserInputError
 from .models import apply_model, architecture, receptive_field
 from .sampling import dihedral_transforms
@@ -66,7 +67,7 @@ def make_predict_fn(
         return sum(inverse_t(outs[k]) for k, (_, inverse_t) in enumerate(_D4_NHWC)) / 8.0
 
     forward.__name__ = f"predict_tiles_t{t}_b{bt}{'_tta' if tta else ''}"
-    return jax.jit(forward)
+    return compile_options.network_jit(forward)
 
 
 _cached_predict_fn = functools.lru_cache(maxsize=64)(make_predict_fn)

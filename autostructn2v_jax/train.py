@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
-from autostructn2v_jax import files, masking, models, parallel, policy, sampling
+from autostructn2v_jax import compile_options, files, masking, models, parallel, policy, sampling
 from autostructn2v_jax.checkpoint import Checkpointer, restore_best_variables
 from autostructn2v_jax.errors import TrainingDivergedError
 
@@ -178,7 +178,7 @@ def _cached_train_fn(spec: StageSpec, apply_fn: Callable, sharding: NamedShardin
         # On CPU each step is its own dispatch: XLA:CPU runs a step inside a while loop
         # (lax.scan) slower than in straight-line code (docs/benchmarks.md). Dispatch is
         # asynchronous, so there is still no host round trip per step.
-        step = jax.jit(one_step, donate_argnums=0)
+        step = compile_options.network_jit(one_step, donate_argnums=0)
 
         def run_steps(state, bank, root):
             losses = []
@@ -192,7 +192,7 @@ def _cached_train_fn(spec: StageSpec, apply_fn: Callable, sharding: NamedShardin
     def run(state: TrainState, bank: sampling.ImageBank, root: jax.Array):
         return jax.lax.scan(lambda s, _: one_step(s, bank, root), state, None, length=k)
 
-    return jax.jit(run, donate_argnums=0)
+    return compile_options.network_jit(run, donate_argnums=0)
 
 
 def use_scan() -> bool:
@@ -224,11 +224,12 @@ def make_eval_fn(apply_fn: Callable) -> Callable:
     """fn(variables, val_set) -> masked MSE over the whole fixed validation set (a device scalar).
     Cached per network, like :func:`make_train_fn`."""
 
-    @jax.jit
     def add_batch(variables, val_set, i, sums):
         inputs, targets, masks = (a[i] for a in val_set)  # a traced index: no per-batch slicing op
         out = apply_fn(variables, inputs[..., None], train=False)[..., 0]
         return sums + jnp.stack([jnp.sum(masks * (out - targets) ** 2), jnp.sum(masks)])
+
+    add_batch = compile_options.network_jit(add_batch)
 
     @jax.jit
     def ratio(sums):

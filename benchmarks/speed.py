@@ -46,7 +46,7 @@ jax.config.update("jax_enable_compilation_cache", False)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from autostructn2v_jax import autocorr, extraction, masking, models, parallel, predict, sampling, train  # noqa: E402
+from autostructn2v_jax import autocorr, compile_options, extraction, masking, models, parallel, predict, sampling, train  # noqa: E402
 from autostructn2v_jax import config as config_lib  # noqa: E402
 
 RESULTS: list[dict] = []
@@ -167,8 +167,9 @@ def bench_matmul_peak(n: int, repeats: int) -> float:
 # --------------------------------------------------------------------------- 1-3. training
 
 
-def make_model_only_step(apply_fn):
-    """Forward + backward + Adam on fixed batches: the train step minus the data path."""
+def make_model_only_step(apply_fn, options="chosen"):
+    """Forward + backward + Adam on fixed batches: the train step minus the data path.
+    ``options``: XLA compiler options ("chosen": what the package uses, compile_options)."""
     tx = train._optimizer()
 
     def step(state: train.TrainState, inputs, targets, masks):
@@ -183,7 +184,9 @@ def make_model_only_step(apply_fn):
         return state._replace(step=state.step + 1, params=params, batch_stats=new_stats,
                               opt_state=opt_state), loss
 
-    return jax.jit(step, donate_argnums=0)
+    if options == "chosen":
+        return compile_options.network_jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, compiler_options=options)
 
 
 def bench_stage(name: str, kernel: np.ndarray, patch: int, batch: int, pct: float, *,
@@ -193,7 +196,7 @@ def bench_stage(name: str, kernel: np.ndarray, patch: int, batch: int, pct: floa
     print(f"\n[{name}] patch {patch}, batch {batch}, features {features}, depth {depth}, "
           f"kernel {kernel.shape} ({int(kernel.sum())} px) at {pct}%, local_mean, augmentation on; "
           f"{rounds} interleaved rounds x {steps} steps; conv_impl auto = "
-          f"{models.resolve_conv_impl('auto')}", flush=True)
+          f"{models.resolve_conv_impl('auto')}; CPU conv library {compile_options.cpu_conv_library() if jax.default_backend() == 'cpu' else '-'}", flush=True)
     spec = train.StageSpec(
         name=name, patch_size=patch, batch_size=batch, features=features, num_layers=depth,
         mask_percentage=pct, strategy="local_mean", use_augmentation=True,
@@ -230,8 +233,8 @@ def bench_stage(name: str, kernel: np.ndarray, patch: int, batch: int, pct: floa
             return losses
         runners[label] = run
 
-    def add_model_only(label, impl):
-        jitted = make_model_only_step(models.make_apply_fn(features, depth, impl))
+    def add_model_only(label, impl, options="chosen"):
+        jitted = make_model_only_step(models.make_apply_fn(features, depth, impl), options)
         states[label] = fresh()
         t0 = time.perf_counter()
         compiled = jitted.lower(states[label], inputs, targets, masks).compile()
@@ -249,6 +252,9 @@ def bench_stage(name: str, kernel: np.ndarray, patch: int, batch: int, pct: floa
     add_model_only("model-only", "auto")
     if compare_conv and models.resolve_conv_impl("auto") != "xla":
         add_model_only("model-only stock conv", "xla")
+    if compare_conv and jax.default_backend() == "cpu" and compile_options.network_options() is not None:
+        # the package chose XLA's own convolution over YNNPACK (XLA's default): time the default too
+        add_model_only("model-only YNNPACK conv", "auto", None)
     if compare_scan:
         add_e2e("e2e scan" if not train.use_scan() else "e2e per-step", not train.use_scan())
     for run in runners.values():  # one untimed chunk each after compilation
@@ -273,6 +279,7 @@ def bench_stage(name: str, kernel: np.ndarray, patch: int, batch: int, pct: floa
     spread = lambda ts: f"min {min(ts) * 1e3:.0f} / max {max(ts) * 1e3:.0f} ms per step"  # noqa: E731
     nice = {"e2e": "train end-to-end (make_train_fn)", "model-only": "train model-only (fixed batch)",
             "model-only stock conv": "train model-only, stock XLA conv",
+            "model-only YNNPACK conv": "train model-only, YNNPACK convolutions",
             "e2e scan": "train end-to-end, lax.scan", "e2e per-step": "train end-to-end, per-step dispatch"}
     for label in runners:
         record(f"{name}: {nice[label]}", batch / med[label], "patches/s",
@@ -283,6 +290,9 @@ def bench_stage(name: str, kernel: np.ndarray, patch: int, batch: int, pct: floa
     if "model-only stock conv" in med:
         record(f"{name}: speed-up custom conv / stock conv", med["model-only stock conv"] / med["model-only"],
                "x", note="model-only steps, interleaved", stage=name)
+    if "model-only YNNPACK conv" in med:
+        record(f"{name}: speed-up chosen CPU conv library / YNNPACK", med["model-only YNNPACK conv"] / med["model-only"],
+               "x", note=f"compile_options: {compile_options.cpu_conv_library()}; model-only, interleaved", stage=name)
     for label in ("e2e scan", "e2e per-step"):
         if label in med:
             record(f"{name}: ratio {label.split(' ', 1)[1]} / default dispatch", med["e2e"] / med[label], "x",
@@ -303,7 +313,7 @@ def bench_stage(name: str, kernel: np.ndarray, patch: int, batch: int, pct: floa
         spec1 = dataclasses.replace(spec, steps_per_dispatch=1)
         fn1 = train.make_train_fn(spec1, apply_fn, parallel.batch_sharding(mesh))
         t0 = time.perf_counter()
-        compiled = jax.jit(fn1).lower(states["e2e"], bank, root).compile()
+        compiled = compile_options.network_jit(fn1).lower(states["e2e"], bank, root).compile()
         record(f"{name}: compile train step (AOT, 1 step)", time.perf_counter() - t0, "s",
                note="jit(make_train_fn(steps_per_dispatch=1)).lower().compile()", stage=name)
         e2e_flops = flops_of(compiled)
