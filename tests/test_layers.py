@@ -11,7 +11,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "autostructn2v_jax"
 # place the structural-mask modules (autocorrelation, extraction, mask files) without one.
 LAYERS = {
     # 0: foundation (no package imports but each other)
-    "errors": 0, "files": 0, "parallel": 0, "randbits": 0,
+    "errors": 0, "files": 0, "parallel": 0, "randbits": 0, "compile_options": 0,
     # 1: IO
     "tiffio": 1, "preprocess": 1, "synth": 1,
     # 2: sampling, masking, autocorrelation and extraction
