@@ -143,7 +143,7 @@ def _load_config(spec: str | None):
 
 def _split_cpu(cfg) -> None:
     """One JAX device per core for large CPU runs (config ``cpu_devices``), before JAX starts."""
-    from autostructn2v_jax import parallel
+    from autostructn2v_jax import compile_options, parallel
 
     try:
         stages = [(int(st.batch_size), int(st.patch_size), int(st.features))
@@ -151,7 +151,9 @@ def _split_cpu(cfg) -> None:
         requested = max(int(cfg.cpu_devices), 0)
     except (TypeError, ValueError):
         return  # a bad value: the config check that follows names the key
-    parallel.split_cpu(parallel.cpu_device_count(requested, stages, parallel.available_cores()))
+    cores = parallel.available_cores()
+    library = compile_options.cpu_conv_library() if requested == 0 and cores > 1 else "ynnpack"
+    parallel.split_cpu(parallel.cpu_device_count(requested, stages, cores, library))
 
 
 def _cmd_train(args, overrides) -> int:

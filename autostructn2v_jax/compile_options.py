@@ -22,11 +22,14 @@ import logging
 import os
 import pathlib
 import platform
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax._src import xla_bridge
 
 from . import files
 from .errors import UserInputError
@@ -50,7 +53,8 @@ WIN_RATIO = 0.85
 
 def network_options() -> dict[str, Any] | None:
     """``compiler_options`` for ``jax.jit`` of a function that runs the network (None: XLA's own)."""
-    if jax.default_backend() != "cpu" or _FLAG in os.environ.get("XLA_FLAGS", ""):
+    if (jax.default_backend() != "cpu" or _FLAG in os.environ.get("XLA_FLAGS", "")
+            or jax.process_count() > 1):
         return None
     return _OPTIONS[cpu_conv_library()]
 
@@ -71,18 +75,20 @@ def check_environment() -> str:
 @functools.cache
 def cpu_conv_library() -> str:
     """``"ynnpack"`` or ``"eigen"``: the environment variable's choice, else this machine's
-    measured one (read from the cache file, or measured now and written there)."""
+    measured one (read from the cache file, or measured now and written there). Before JAX has
+    started its backends (the command line decides the CPU split first) the measurement runs in a
+    child process, so this process can still choose its device count."""
     choice = check_environment()
     if choice != "auto":
         return choice
-    if jax.process_count() > 1:
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("AUTOSTRUCTN2V_DISTRIBUTED"):
         return "ynnpack"
     path = _cache_path()
     key = machine_key()
-    known = _read(path)
-    if key in known and known[key].get("library") in _OPTIONS:
-        return known[key]["library"]
-    result = measure()
+    known = _read(path).get(key)
+    if isinstance(known, dict) and known.get("library") in _OPTIONS:
+        return known["library"]
+    result = measure() if xla_bridge.backends_are_initialized() else _measure_in_child()
     log.info("CPU convolutions: %s (YNNPACK %.1f ms, Eigen %.1f ms per probe)", result["library"],
              result["ynnpack_ms"], result["eigen_ms"])
     if path is not None:
@@ -92,6 +98,21 @@ def cpu_conv_library() -> str:
         except OSError as e:  # a read-only cache folder costs a measurement per process, no more
             log.debug("could not write %s: %s", path, e)
     return result["library"]
+
+
+def _measure_in_child() -> dict[str, Any]:
+    """:func:`measure` in a fresh interpreter (a few seconds, once per machine); in this process
+    if that fails."""
+    code = "import json; from autostructn2v_jax import compile_options as c; print(json.dumps(c.measure()))"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=300, check=True).stdout
+        result = json.loads(out.strip().splitlines()[-1])
+        if result.get("library") in _OPTIONS:
+            return result
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
+        log.debug("CPU convolution probe in a child process failed: %s", e)
+    return measure()
 
 
 def machine_key() -> str:

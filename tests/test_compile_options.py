@@ -4,6 +4,9 @@ measurement and its cache file, and the same numbers either way."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +71,21 @@ def test_auto_measures_once_per_machine_and_keeps_the_answer(fresh, monkeypatch)
     fresh.write_text(json.dumps({"other cpu": {"library": "eigen"}, **json.loads(fresh.read_text())}))
     compile_options.cpu_conv_library.cache_clear()
     assert compile_options.cpu_conv_library() == library
+
+
+def test_before_jax_starts_the_measurement_runs_in_a_child_process(tmp_path):
+    """The command line decides the CPU split before JAX starts: the choice must not start it."""
+    code = ("import json; from jax._src import xla_bridge as xb; "
+            "from autostructn2v_jax import compile_options as c; lib = c.cpu_conv_library(); "
+            "print(json.dumps([lib, xb.backends_are_initialized()]))")
+    env = {**os.environ, "AUTOSTRUCTN2V_CACHE_DIR": str(tmp_path), "JAX_COMPILATION_CACHE_DIR": ""}
+    env.pop(compile_options.ENV_VAR, None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    library, started = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert library in ("ynnpack", "eigen") and not started
+    stored = json.loads((tmp_path / compile_options.CACHE_FILE).read_text())
+    assert [v["library"] for v in stored.values()] == [library]
 
 
 def test_user_flags_and_other_backends_keep_xla_defaults(fresh, monkeypatch):
