@@ -141,8 +141,9 @@ def _load_config(spec: str | None):
     return config_lib.load_config(spec) if spec else config_lib.base_config()
 
 
-def _split_cpu(cfg) -> None:
-    """One JAX device per core for large CPU runs (config ``cpu_devices``), before JAX starts."""
+def split_cpu_for_config(cfg) -> None:
+    """One JAX device per core for large CPU runs (config ``cpu_devices``), before JAX starts.
+    (Public for scripts that run the pipeline in-process as `train` would, e.g. benchmarks/quality.py.)"""
     from autostructn2v_jax import compile_options, parallel
 
     try:
@@ -166,7 +167,7 @@ def _cmd_train(args, overrides) -> int:
         return 0
     from autostructn2v_jax import pipeline  # imports JAX: a bad config file is reported without it
 
-    _split_cpu(cfg)
+    split_cpu_for_config(cfg)
     progress = _Progress(int(cfg.num_epochs), enabled=not args.quiet and sys.stderr.isatty())
     t0 = time.perf_counter()
     try:

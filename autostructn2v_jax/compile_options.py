@@ -2,8 +2,8 @@
 
 XLA:CPU (jax 0.10) hands convolutions to YNNPACK by default. On some CPUs XLA's own (Eigen)
 convolution is much faster, on others it may not be: measured on a 2-core Intel Xeon with AVX-512
-(2026-12-04), one 64x64, 32-channel 3x3 convolution's weight gradient took 34 ms with YNNPACK and
-12 ms without, and the whole stage-1 train step went from 565 to 305 ms (docs/benchmarks.md,
+(2026-12-04), one 64x64, 32-channel 3x3 convolution's weight gradient (batch 16) took 34 ms with
+YNNPACK and 10 ms without, and the whole stage-1 train step went from 576 to 311 ms (docs/benchmarks.md,
 "Convolution library on CPU"). So on CPU the library is measured once per machine (``"auto"``):
 :func:`measure` times a convolution's forward pass and both gradients each way, and the choice
 is kept in ``cpu_conv_library.json`` beside the persistent compile cache.
@@ -34,8 +34,8 @@ from jax._src import xla_bridge
 from . import files
 from .errors import UserInputError
 
-__all__ = ["CPU_CONV_LIBRARIES", "ENV_VAR", "check_environment", "cpu_conv_library", "measure", "network_jit",
-           "network_options"]
+__all__ = ["CPU_CONV_LIBRARIES", "ENV_VAR", "check_environment", "cpu_conv_library", "machine_key",
+           "measure", "network_jit", "network_options"]
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,9 @@ import tifffile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from autostructn2v_jax import api, synth  # noqa: E402
+import jax  # noqa: E402
+
+from autostructn2v_jax import api, cli, compile_options, synth  # noqa: E402
 
 NAMES = ("camera", "coins", "moon", "brick")
 CASES = ("white", "hcorr", "cells_white", "cells_hcorr")
@@ -206,6 +208,10 @@ def main() -> None:
     else:
         overrides = dict(item.split("=", 1) for item in args.set)
         budgets = [float(b) for b in args.budgets.split(",") if b] or [0.0]
+        # The CPU device split that `autostructn2v train` would choose (before JAX starts).
+        cli.split_cpu_for_config(api.load_config(args.config, **overrides))
+        print(f"{jax.device_count()} {jax.default_backend()} device(s); CPU convolutions: "
+              f"{compile_options.cpu_conv_library() if jax.default_backend() == 'cpu' else '-'}", flush=True)
         rows = [run_case(case, out, args.epochs, config=args.config, budget=b, **overrides)
                 for b in budgets for case in cases]
         print(f"overrides {overrides or '-'}")
