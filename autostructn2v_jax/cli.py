@@ -153,8 +153,9 @@ def split_cpu_for_config(cfg) -> None:
     except (TypeError, ValueError):
         return  # a bad value: the config check that follows names the key
     cores = parallel.available_cores()
-    library = compile_options.cpu_conv_library() if requested == 0 and cores > 1 else "ynnpack"
-    parallel.split_cpu(parallel.cpu_device_count(requested, stages, cores, library))
+    libraries = ([compile_options.stage_library(features) for _, _, features in stages]
+                 if requested == 0 and cores > 1 else None)
+    parallel.split_cpu(parallel.cpu_device_count(requested, stages, cores, libraries))
 
 
 def _cmd_train(args, overrides) -> int:

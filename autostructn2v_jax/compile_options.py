@@ -34,8 +34,8 @@ from jax._src import xla_bridge
 from . import files
 from .errors import UserInputError
 
-__all__ = ["CPU_CONV_LIBRARIES", "ENV_VAR", "check_environment", "cpu_conv_library", "machine_key",
-           "measure", "network_jit", "network_options"]
+__all__ = ["CPU_CONV_LIBRARIES", "EIGEN_MIN_FEATURES", "ENV_VAR", "check_environment", "cpu_conv_library",
+           "machine_key", "measure", "network_jit", "network_library", "network_options", "stage_library"]
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +49,41 @@ _WITHOUT_CONV = "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 _OPTIONS = {"ynnpack": None, "eigen": {_FLAG: _WITHOUT_CONV}}
 # Eigen is chosen only for a clear win: at most this fraction of YNNPACK's time.
 WIN_RATIO = 0.85
+# Eigen's lead is in layers of 32+ channels (64x64, batch 16: weight gradient 34 -> 10 ms at 32
+# channels, 4.9 -> 4.4 ms at 16). A features-16 U-Net trained faster with YNNPACK on the CPU split
+# into one device per core (16 x 64 x 16: 114 ms/step at depth 2, 144 at depth 3) than with Eigen
+# (125 / 152-160 ms, one or two devices); features 32: Eigen 307 ms against 351 (Intel Xeon,
+# 2026-12-04, docs/benchmarks.md). So "auto" keeps YNNPACK for networks below this many features.
+EIGEN_MIN_FEATURES = 32
 
 
-def network_options() -> dict[str, Any] | None:
-    """``compiler_options`` for ``jax.jit`` of a function that runs the network (None: XLA's own)."""
+def network_library(features: int | None = None) -> str:
+    """The library for a network of ``features`` base channels (None: unknown): this machine's
+    choice, but YNNPACK below :data:`EIGEN_MIN_FEATURES`, where Eigen's lead is gone."""
     if (jax.default_backend() != "cpu" or _FLAG in os.environ.get("XLA_FLAGS", "")
             or jax.process_count() > 1):
-        return None
-    return _OPTIONS[cpu_conv_library()]
+        return "ynnpack"
+    return stage_library(features)
 
 
-def network_jit(fn: Callable, **jit_kwargs) -> Callable:
-    """``jax.jit(fn, **jit_kwargs)`` with :func:`network_options`."""
-    return jax.jit(fn, compiler_options=network_options(), **jit_kwargs)
+def stage_library(features: int | None) -> str:
+    """:func:`network_library` without looking at JAX's backend (the CLI asks before JAX starts)."""
+    library = cpu_conv_library()
+    forced = check_environment() != "auto"
+    if library == "eigen" and not forced and features is not None and int(features) < EIGEN_MIN_FEATURES:
+        return "ynnpack"
+    return library
+
+
+def network_options(features: int | None = None) -> dict[str, Any] | None:
+    """``compiler_options`` for ``jax.jit`` of a function that runs the network (None: XLA's own)."""
+    return _OPTIONS[network_library(features)]
+
+
+def network_jit(fn: Callable, *, features: int | None = None, **jit_kwargs) -> Callable:
+    """``jax.jit(fn, **jit_kwargs)`` with :func:`network_options` (``features``: the network's base
+    channels when known, e.g. ``apply_fn.features`` from ``models.make_apply_fn``)."""
+    return jax.jit(fn, compiler_options=network_options(features), **jit_kwargs)
 
 
 def check_environment() -> str:

@@ -537,6 +537,7 @@ def make_apply_fn(features: int, num_layers: int, conv_impl: str = "auto", pool:
         return model.apply(v, x, train=False)
 
     apply.__name__ = f"unet_f{features}_l{num_layers}_{conv_impl}_{pool}{'' if top_skip else '_noskip'}_apply"
+    apply.features = int(features)  # compile_options picks the CPU convolution library by it
     return apply
 
 

@@ -49,20 +49,24 @@ def stage_layer_flops(batch_size: int, patch_size: int, features: int) -> float:
 
 
 def cpu_device_count(requested: int, stages: list[tuple[int, int, int]], cores: int,
-                     conv_library: str = "ynnpack") -> int:
+                     libraries: list[str] | None = None) -> int:
     """How many CPU devices to train on: ``requested`` when > 0; else (auto) ``cores`` when a
-    stage ``(batch_size, patch_size, features)`` reaches :data:`CPU_SPLIT_MIN_FLOPS` per layer and
-    every stage's batch splits evenly over the cores, otherwise 1.
+    stage ``(batch_size, patch_size, features)`` on YNNPACK convolutions reaches
+    :data:`CPU_SPLIT_MIN_FLOPS` per layer and every stage's batch splits evenly over the cores,
+    otherwise 1.
 
-    The split makes up for YNNPACK's convolutions, which keep the cores busy only one program per
-    core. With XLA's own (Eigen) convolutions (``conv_library``, see ``compile_options``) one
-    program already uses every core, and the split lost up to 0.68x (2-core Intel Xeon,
-    2026-12-04, docs/benchmarks.md): auto is then 1 device."""
+    ``libraries``: each stage's CPU convolution library (``compile_options.stage_library``; default
+    YNNPACK for all). The split makes up for YNNPACK's convolutions, which keep the cores busy only
+    one program per core. XLA's own (Eigen) convolutions already use every core from one program,
+    and the split lost up to 0.68x with them (2-core Intel Xeon, 2026-12-04, docs/benchmarks.md):
+    their stages do not ask for it."""
     if requested > 0:
         return int(requested)
-    if cores < 2 or not stages or conv_library == "eigen":
+    libraries = libraries or ["ynnpack"] * len(stages)
+    if cores < 2 or not stages:
         return 1
-    big = any(stage_layer_flops(*s) >= CPU_SPLIT_MIN_FLOPS for s in stages)
+    big = any(stage_layer_flops(*s) >= CPU_SPLIT_MIN_FLOPS
+              for s, lib in zip(stages, libraries) if lib != "eigen")
     even = all(s[0] % cores == 0 for s in stages)
     return cores if big and even else 1
 

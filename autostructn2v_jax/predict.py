@@ -67,7 +67,7 @@ def make_predict_fn(
         return sum(inverse_t(outs[k]) for k, (_, inverse_t) in enumerate(_D4_NHWC)) / 8.0
 
     forward.__name__ = f"predict_tiles_t{t}_b{bt}{'_tta' if tta else ''}"
-    return compile_options.network_jit(forward)
+    return compile_options.network_jit(forward, features=getattr(apply_fn, "features", None))
 
 
 _cached_predict_fn = functools.lru_cache(maxsize=64)(make_predict_fn)

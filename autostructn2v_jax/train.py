@@ -178,7 +178,7 @@ def _cached_train_fn(spec: StageSpec, apply_fn: Callable, sharding: NamedShardin
         # On CPU each step is its own dispatch: XLA:CPU runs a step inside a while loop
         # (lax.scan) slower than in straight-line code (docs/benchmarks.md). Dispatch is
         # asynchronous, so there is still no host round trip per step.
-        step = compile_options.network_jit(one_step, donate_argnums=0)
+        step = compile_options.network_jit(one_step, features=spec.features, donate_argnums=0)
 
         def run_steps(state, bank, root):
             losses = []
@@ -192,7 +192,7 @@ def _cached_train_fn(spec: StageSpec, apply_fn: Callable, sharding: NamedShardin
     def run(state: TrainState, bank: sampling.ImageBank, root: jax.Array):
         return jax.lax.scan(lambda s, _: one_step(s, bank, root), state, None, length=k)
 
-    return compile_options.network_jit(run, donate_argnums=0)
+    return compile_options.network_jit(run, features=spec.features, donate_argnums=0)
 
 
 def use_scan() -> bool:
@@ -229,7 +229,7 @@ def make_eval_fn(apply_fn: Callable) -> Callable:
         out = apply_fn(variables, inputs[..., None], train=False)[..., 0]
         return sums + jnp.stack([jnp.sum(masks * (out - targets) ** 2), jnp.sum(masks)])
 
-    add_batch = compile_options.network_jit(add_batch)
+    add_batch = compile_options.network_jit(add_batch, features=getattr(apply_fn, "features", None))
 
     @jax.jit
     def ratio(sums):

@@ -210,8 +210,9 @@ def main() -> None:
         budgets = [float(b) for b in args.budgets.split(",") if b] or [0.0]
         # The CPU device split that `autostructn2v train` would choose (before JAX starts).
         cli.split_cpu_for_config(api.load_config(args.config, **overrides))
+        cfg = api.load_config(args.config, **overrides)
         print(f"{jax.device_count()} {jax.default_backend()} device(s); CPU convolutions: "
-              f"{compile_options.cpu_conv_library() if jax.default_backend() == 'cpu' else '-'}", flush=True)
+              f"{[compile_options.network_library(st.features) for st in (cfg.stage1, cfg.stage2)]}", flush=True)
         rows = [run_case(case, out, args.epochs, config=args.config, budget=b, **overrides)
                 for b in budgets for case in cases]
         print(f"overrides {overrides or '-'}")

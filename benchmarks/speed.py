@@ -185,7 +185,7 @@ def make_model_only_step(apply_fn, options="chosen"):
                               opt_state=opt_state), loss
 
     if options == "chosen":
-        return compile_options.network_jit(step, donate_argnums=0)
+        return compile_options.network_jit(step, features=getattr(apply_fn, "features", None), donate_argnums=0)
     return jax.jit(step, donate_argnums=0, compiler_options=options)
 
 
@@ -196,7 +196,7 @@ def bench_stage(name: str, kernel: np.ndarray, patch: int, batch: int, pct: floa
     print(f"\n[{name}] patch {patch}, batch {batch}, features {features}, depth {depth}, "
           f"kernel {kernel.shape} ({int(kernel.sum())} px) at {pct}%, local_mean, augmentation on; "
           f"{rounds} interleaved rounds x {steps} steps; conv_impl auto = "
-          f"{models.resolve_conv_impl('auto')}; CPU conv library {compile_options.cpu_conv_library() if jax.default_backend() == 'cpu' else '-'}", flush=True)
+          f"{models.resolve_conv_impl('auto')}; CPU conv library {compile_options.network_library(features) if jax.default_backend() == 'cpu' else '-'}", flush=True)
     spec = train.StageSpec(
         name=name, patch_size=patch, batch_size=batch, features=features, num_layers=depth,
         mask_percentage=pct, strategy="local_mean", use_augmentation=True,
@@ -252,7 +252,7 @@ def bench_stage(name: str, kernel: np.ndarray, patch: int, batch: int, pct: floa
     add_model_only("model-only", "auto")
     if compare_conv and models.resolve_conv_impl("auto") != "xla":
         add_model_only("model-only stock conv", "xla")
-    if compare_conv and jax.default_backend() == "cpu" and compile_options.network_options() is not None:
+    if compare_conv and jax.default_backend() == "cpu" and compile_options.network_options(features) is not None:
         # the package chose XLA's own convolution over YNNPACK (XLA's default): time the default too
         add_model_only("model-only YNNPACK conv", "auto", None)
     if compare_scan:
@@ -292,7 +292,7 @@ def bench_stage(name: str, kernel: np.ndarray, patch: int, batch: int, pct: floa
                "x", note="model-only steps, interleaved", stage=name)
     if "model-only YNNPACK conv" in med:
         record(f"{name}: speed-up chosen CPU conv library / YNNPACK", med["model-only YNNPACK conv"] / med["model-only"],
-               "x", note=f"compile_options: {compile_options.cpu_conv_library()}; model-only, interleaved", stage=name)
+               "x", note=f"compile_options: {compile_options.network_library(features)}; model-only, interleaved", stage=name)
     for label in ("e2e scan", "e2e per-step"):
         if label in med:
             record(f"{name}: ratio {label.split(' ', 1)[1]} / default dispatch", med["e2e"] / med[label], "x",
@@ -313,7 +313,7 @@ def bench_stage(name: str, kernel: np.ndarray, patch: int, batch: int, pct: floa
         spec1 = dataclasses.replace(spec, steps_per_dispatch=1)
         fn1 = train.make_train_fn(spec1, apply_fn, parallel.batch_sharding(mesh))
         t0 = time.perf_counter()
-        compiled = compile_options.network_jit(fn1).lower(states["e2e"], bank, root).compile()
+        compiled = compile_options.network_jit(fn1, features=features).lower(states["e2e"], bank, root).compile()
         record(f"{name}: compile train step (AOT, 1 step)", time.perf_counter() - t0, "s",
                note="jit(make_train_fn(steps_per_dispatch=1)).lower().compile()", stage=name)
         e2e_flops = flops_of(compiled)

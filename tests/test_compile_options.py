@@ -88,6 +88,19 @@ def test_before_jax_starts_the_measurement_runs_in_a_child_process(tmp_path):
     assert [v["library"] for v in stored.values()] == [library]
 
 
+def test_small_networks_keep_ynnpack_unless_forced(fresh, monkeypatch):
+    fresh.write_text(json.dumps({compile_options.machine_key(): {"library": "eigen"}}))
+    small, big = compile_options.EIGEN_MIN_FEATURES // 2, compile_options.EIGEN_MIN_FEATURES
+    assert compile_options.stage_library(small) == "ynnpack"
+    assert compile_options.stage_library(big) == compile_options.stage_library(None) == "eigen"
+    assert compile_options.network_options(small) is None
+    assert compile_options.network_options(big) == compile_options._OPTIONS["eigen"]
+    assert models.make_apply_fn(small, 2).features == small  # what train/predict pass on
+    monkeypatch.setenv(compile_options.ENV_VAR, "eigen")
+    compile_options.cpu_conv_library.cache_clear()
+    assert compile_options.stage_library(small) == "eigen"  # the user's word goes
+
+
 def test_user_flags_and_other_backends_keep_xla_defaults(fresh, monkeypatch):
     monkeypatch.setenv(compile_options.ENV_VAR, "eigen")
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")

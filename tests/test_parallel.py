@@ -125,9 +125,10 @@ def test_cpu_device_count_rule():
     assert parallel.cpu_device_count(0, [(15, 64, 32)], 2) == 1  # the batch would not split evenly
     assert parallel.cpu_device_count(0, [big], 1) == 1
     assert parallel.cpu_device_count(3, [small], 2) == 3  # an explicit count is kept
-    # XLA's own convolutions use both cores from one program: no split unless asked for
-    assert parallel.cpu_device_count(0, [big], 2, "eigen") == 1
-    assert parallel.cpu_device_count(2, [big], 2, "eigen") == 2
+    # XLA's own convolutions use both cores from one program: their stages do not ask for a split
+    assert parallel.cpu_device_count(0, [big], 2, ["eigen"]) == 1
+    assert parallel.cpu_device_count(0, [big, big], 2, ["eigen", "ynnpack"]) == 2
+    assert parallel.cpu_device_count(2, [big], 2, ["eigen"]) == 2
 
 
 def test_split_cpu_leaves_a_started_jax_alone():
