@@ -6,7 +6,9 @@ convolution is much faster, on others it may not be: measured on a 2-core Intel 
 YNNPACK and 10 ms without, and the whole stage-1 train step went from 576 to 311 ms (docs/benchmarks.md,
 "Convolution library on CPU"). So on CPU the library is measured once per machine (``"auto"``):
 :func:`measure` times a convolution's forward pass and both gradients each way, and the choice
-is kept in ``cpu_conv_library.json`` beside the persistent compile cache.
+is kept in ``cpu_conv_library.json`` beside the persistent compile cache. Networks under
+:data:`EIGEN_MIN_FEATURES` keep YNNPACK (and with it the CPU split of ``parallel``), which trains
+them faster.
 
 ``AUTOSTRUCTN2V_CPU_CONV`` = ``auto`` (default) | ``ynnpack`` | ``eigen`` overrides it. An
 ``XLA_FLAGS`` that sets ``xla_cpu_experimental_ynn_fusion_type`` itself is left alone, and so are
