@@ -69,12 +69,14 @@ def network_library(features: int | None = None) -> str:
 
 
 def stage_library(features: int | None) -> str:
-    """:func:`network_library` without looking at JAX's backend (the CLI asks before JAX starts)."""
-    library = cpu_conv_library()
-    forced = check_environment() != "auto"
-    if library == "eigen" and not forced and features is not None and int(features) < EIGEN_MIN_FEATURES:
+    """:func:`network_library` without looking at JAX's backend (the CLI asks before JAX starts).
+    A network below :data:`EIGEN_MIN_FEATURES` needs no measurement: it keeps YNNPACK either way."""
+    choice = check_environment()
+    if choice != "auto":
+        return choice
+    if features is not None and int(features) < EIGEN_MIN_FEATURES:
         return "ynnpack"
-    return library
+    return cpu_conv_library()
 
 
 def network_options(features: int | None = None) -> dict[str, Any] | None:

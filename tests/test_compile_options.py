@@ -88,6 +88,16 @@ def test_before_jax_starts_the_measurement_runs_in_a_child_process(tmp_path):
     assert [v["library"] for v in stored.values()] == [library]
 
 
+def test_small_networks_need_no_measurement(fresh, monkeypatch):
+    def no_measuring(*_, **__):
+        raise AssertionError("measured")
+
+    monkeypatch.setattr(compile_options, "measure", no_measuring)
+    monkeypatch.setattr(compile_options, "_measure_in_child", no_measuring)
+    assert compile_options.stage_library(compile_options.EIGEN_MIN_FEATURES - 1) == "ynnpack"
+    assert not fresh.exists()
+
+
 def test_small_networks_keep_ynnpack_unless_forced(fresh, monkeypatch):
     fresh.write_text(json.dumps({compile_options.machine_key(): {"library": "eigen"}}))
     small, big = compile_options.EIGEN_MIN_FEATURES // 2, compile_options.EIGEN_MIN_FEATURES
