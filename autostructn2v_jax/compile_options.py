@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax._src import xla_bridge
 
-from . import files
+from . import files, parallel
 from .errors import UserInputError
 
 __all__ = ["CPU_CONV_LIBRARIES", "EIGEN_MIN_FEATURES", "ENV_VAR", "check_environment", "cpu_conv_library",
@@ -107,7 +107,7 @@ def cpu_conv_library() -> str:
     choice = check_environment()
     if choice != "auto":
         return choice
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("AUTOSTRUCTN2V_DISTRIBUTED"):
+    if parallel.multi_host_requested():
         return "ynnpack"
     path = _cache_path()
     key = machine_key()

@@ -20,9 +20,14 @@ from jax.sharding import PartitionSpec as P
 log = logging.getLogger(__name__)
 
 
+def multi_host_requested() -> bool:
+    """Whether the launcher asked for a multi-host run (the usual environment variables)."""
+    return bool(os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("AUTOSTRUCTN2V_DISTRIBUTED"))
+
+
 def initialize_distributed() -> None:
     """Join a multi-host run when the launcher set the usual environment variables."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("AUTOSTRUCTN2V_DISTRIBUTED"):
+    if multi_host_requested():
         kwargs = {}
         if os.environ.get("JAX_NUM_PROCESSES"):
             kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
@@ -89,7 +94,7 @@ def split_cpu(count: int) -> bool:
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         log.debug("cpu_devices: XLA_FLAGS sets the host device count; keeping it")
         return False
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("AUTOSTRUCTN2V_DISTRIBUTED"):
+    if multi_host_requested():
         log.debug("cpu_devices: multi-host run; not splitting the CPU")
         return False
     try:

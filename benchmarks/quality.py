@@ -209,8 +209,8 @@ def main() -> None:
         overrides = dict(item.split("=", 1) for item in args.set)
         budgets = [float(b) for b in args.budgets.split(",") if b] or [0.0]
         # The CPU device split that `autostructn2v train` would choose (before JAX starts).
-        cli.split_cpu_for_config(api.load_config(args.config, **overrides))
         cfg = api.load_config(args.config, **overrides)
+        cli.split_cpu_for_config(cfg)
         print(f"{jax.device_count()} {jax.default_backend()} device(s); CPU convolutions: "
               f"{[compile_options.network_library(st.features) for st in (cfg.stage1, cfg.stage2)]}", flush=True)
         rows = [run_case(case, out, args.epochs, config=args.config, budget=b, **overrides)
