@@ -30,9 +30,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import scipy.ndimage
+import scipy.signal
 
 from . import sampling
-from .autocorr import autocorrelation, deconvolve_highpass, flattest_tiles, highpass
+from .autocorr import autocorrelation, deconvolve_highpass, flattest_tiles, highpass, highpass_acf
 from .extractor_config import EXTRACTOR_METHODS, validate_extractor_config
 from .maskshape import chebyshev, crop_center, euclid, finish, mask_summary, touches_edge
 
@@ -68,6 +69,13 @@ _MAX_FIT_RESIDUAL = 0.5
 # detection (box, Gaussian sigma 2, L) stay at 0.05-0.10, and a 30-degree ellipse is thicker.
 _LINE_MAX_THICKNESS = 0.3
 _LINE_MIN_EXCESS = 0.15
+# A line's recovered extent: only the line's 8-neighbours, and only when they explain the measured
+# (high-passed) ACF clearly better than the line alone: misfit over the central _FIT_CROP lags at
+# most _EXTENT_MIN_GAIN times the line's.  Where the extent is real (30-degree lines, a Gaussian of
+# sigma 0.6 x 2, on cells and photos) the ratio was 0.25-0.71; where the recovery grew dense
+# texture into a blob around the line, 0.89-2.7 (docs/benchmarks.md, "Noise family").
+_FIT_CROP = 21
+_EXTENT_MIN_GAIN = 0.8
 
 
 def threshold_surface(size: int, cb: float, df: float) -> np.ndarray:
@@ -209,8 +217,31 @@ def _is_line_detection(detected: np.ndarray, excess: np.ndarray) -> bool:
     return thickness <= _LINE_MAX_THICKNESS and float(np.mean(excess[off])) >= _LINE_MIN_EXCESS
 
 
+def _highpassed_prediction(noise: np.ndarray, support: np.ndarray, sigma: float, size: int) -> np.ndarray:
+    """The normalised ACF the high-passed patches would show if the noise correlation were
+    ``noise`` on ``support`` (zero elsewhere): ``highpass_acf(sigma) * noise``, ``size`` square."""
+    n = np.where(np.asarray(support, bool), np.asarray(noise, np.float64), 0.0)
+    h = highpass_acf(sigma, max(size, n.shape[0]) // 2 + 1)
+    p = scipy.signal.convolve2d(n, h, mode="full")
+    c = p[p.shape[0] // 2, p.shape[1] // 2]
+    return crop_center(p / c if c > 0 else np.zeros_like(p), size)
+
+
+def _extent_misfit_ratio(noise: np.ndarray, line: np.ndarray, extended: np.ndarray,
+                         measured: np.ndarray, sigma: float) -> float:
+    """Misfit of the measured high-passed ACF by ``extended`` over that by ``line`` (both lag sets
+    in ``noise``'s crop), over the central lags without the centre."""
+    size = measured.shape[0]
+    off = np.ones((size, size), bool)
+    off[size // 2, size // 2] = False
+    miss = [np.linalg.norm((_highpassed_prediction(noise, s, sigma, size) - measured)[off])
+            for s in (extended, line)]
+    return float(miss[0] / max(miss[1], 1e-12))
+
+
 def _deconvolved_method(detected: np.ndarray, info: dict, noise_acf: Any, cfg: Any,
-                        fit_residual: float | None) -> tuple[np.ndarray, dict]:
+                        fit_residual: float | None, measured: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, dict]:
     """Extent from the recovered noise ACF, when any of the three detectors finds structure."""
     if noise_acf is None:
         raise ValueError("the deconvolved method needs noise_acf (find_structural_mask computes it)")
@@ -250,6 +281,17 @@ def _deconvolved_method(detected: np.ndarray, info: dict, noise_acf: Any, cfg: A
         kept[:] = False
         info["note"] = (f"the recovered correlation does not fit (residual {fit_residual:.2f}): "
                         "extent from the significance test alone")
+    # A line's recovered extent is checked against the high-passed ACF it was recovered from: on
+    # dense texture the recovery (which amplifies coarse content) grows the line into a blob.
+    if info["line"] and measured is not None and (kept & ~info["candidates"]).any():
+        line = info["candidates"] | info["candidates"][::-1, ::-1]
+        kept &= scipy.ndimage.binary_dilation(line, np.ones((3, 3), bool))
+        ratio = _extent_misfit_ratio(noise, line, line | kept, measured, cfg.highpass_sigma)
+        info["extent_misfit_ratio"] = ratio
+        if ratio > _EXTENT_MIN_GAIN:
+            kept[:] = False
+            info["note"] = (f"the recovered extent does not fit the measured correlation better than "
+                            f"the line alone (misfit ratio {ratio:.2f}): the line alone")
     cand = info["candidates"] | kept
     info["candidates"] = cand
     return finish(cand.copy(), noise, cfg), info
@@ -319,8 +361,10 @@ def extract_structural_mask(
     recovered correlation is ``>= deconv_threshold`` is added to the detector's candidates (when
     the candidates reach beyond the recovery radius, 8, or form a strong thin line, only those
     that also stand out of the pedestal; for a line, none when the recovery does not fit the
-    measured ACF, ``noise_fit_residual > 0.5``: stripes).  The high-pass keeps the direction of a
-    correlation but shrinks a two-dimensional one; the recovered ACF restores its size.
+    measured ACF, ``noise_fit_residual > 0.5``: stripes; for a line, only the line's 8-neighbours,
+    and only when they fit the measured high-passed ACF clearly better than the line alone, which
+    dense texture does not).  The high-pass keeps the direction of a correlation but shrinks a
+    two-dimensional one; the recovered ACF restores its size.
 
     All methods then symmetrise under 180 degree rotation (OR), set the centre, keep the
     8-connected component holding the centre (``keep_center_component_only``) and cap the count
@@ -355,7 +399,9 @@ def extract_structural_mask(
         n = cfg.num_pixels if num_pixels is None else int(num_pixels)
         mask, info = _significance_method(crop, cfg, n, baseline)
         if cfg.method == "deconvolved":
-            mask, info = _deconvolved_method(mask, info, noise_acf, cfg, noise_fit_residual)
+            mid = float(acf[acf.shape[0] // 2, acf.shape[1] // 2])
+            measured = crop_center(acf / mid, min(_FIT_CROP, acf.shape[0], acf.shape[1])) if mid > 0 else None
+            mask, info = _deconvolved_method(mask, info, noise_acf, cfg, noise_fit_residual, measured)
     info["method"] = cfg.method
     info["acf_crop"] = crop
     info["center_size"] = cfg.center_size

@@ -248,16 +248,58 @@ def test_a_line_keeps_only_what_stands_out_of_the_content_pedestal():
     assert not info["line"] and mask.sum() > line.sum() + 8
 
 
+def _thick_line(side: float) -> tuple[np.ndarray, np.ndarray]:
+    """A horizontal 7-lag line correlation (1, 0.7, 0.5, 0.3 out from the centre) whose 8-neighbours
+    carry ``side`` times the line's value next to them (a Gaussian of sigma 0.6 x 2 looks so),
+    11x11; and the line's lags."""
+    n = np.zeros((11, 11))
+    for k, v in enumerate([1.0, 0.7, 0.5, 0.3]):
+        n[5, 5 - k] = n[5, 5 + k] = v
+    line = n > 0
+    sides = ndi.binary_dilation(line, np.ones((3, 3), bool)) & ~line
+    n[sides] = side * np.maximum(np.roll(n, 1, 0), np.roll(n, -1, 0))[sides]
+    return n, line
+
+
+def _measured(noise: np.ndarray) -> np.ndarray:
+    """The normalised ACF that high-passed (sigma 1) patches of noise correlated as ``noise`` show."""
+    return E._highpassed_prediction(noise, np.ones(noise.shape, bool), 1.0, 21)
+
+
 def test_a_line_whose_recovery_does_not_fit_takes_its_extent_from_the_significance_test():
-    """Stripes: the recovered ACF is a broad dome around the line (fit residual 0.7), too peaked
-    for the pedestal to absorb; the extent then comes from the significance candidates alone.
-    The same recovery with a good fit is trusted."""
-    acf, _, line = _line_case()
-    dome = _bump(11, 2.0, 0.6)
-    dome[line] = 0.8
-    dome[5, 5] = 1.0
-    kwargs = dict(num_pixels=10_000, noise_acf=dome)
-    fit, info = E.extract_structural_mask(acf, {"method": "deconvolved"}, noise_fit_residual=0.1, **kwargs)
-    assert info["line"] and fit.sum() > line.sum() + 4, E.mask_summary(fit)
-    unfit, info = E.extract_structural_mask(acf, {"method": "deconvolved"}, noise_fit_residual=0.7, **kwargs)
-    assert np.array_equal(unfit, line) and "does not fit" in info["note"], E.mask_summary(unfit)
+    """Stripes: the recovered ACF is meaningless when the recovery's model does not fit (residual
+    0.7); the extent then comes from the significance candidates alone.  The same recovery with a
+    good fit is trusted."""
+    noise, line = _thick_line(0.3)
+    kwargs = dict(num_pixels=10_000, noise_acf=noise)
+    fit, info = E.extract_structural_mask(_measured(noise), {"method": "deconvolved"},
+                                          noise_fit_residual=0.1, **kwargs)
+    assert info["line"] and fit.sum() == line.sum() + 14, E.mask_summary(fit)
+    unfit, info = E.extract_structural_mask(_measured(noise), {"method": "deconvolved"},
+                                            noise_fit_residual=0.7, **kwargs)
+    assert np.array_equal(unfit, line) and "does not fit (residual" in info["note"], E.mask_summary(unfit)
+
+
+def test_a_line_keeps_a_recovered_extent_only_where_the_measured_correlation_shows_it():
+    """Dense texture: the recovery grows a line into a blob of image content that the measured
+    (high-passed) ACF does not show; the line alone is kept.  Where the measured ACF shows the
+    line's neighbours (a thick line) they are kept; a blob beyond them never is."""
+    noise, line = _thick_line(0.3)
+    near = ndi.binary_dilation(line, np.ones((3, 3), bool))
+    thick, info = E.extract_structural_mask(_measured(noise), {"method": "deconvolved"},
+                                            num_pixels=10_000, noise_acf=noise)
+    assert info["line"] and info["extent_misfit_ratio"] <= 0.8
+    assert np.array_equal(thick, near & (noise >= 0.08)), E.mask_summary(thick)
+
+    thin, _ = _thick_line(0.0)
+    blob = np.maximum(thin, _bump(11, 2.0, 0.5))
+    blob[5, 5] = 1.0
+    alone, info = E.extract_structural_mask(_measured(thin), {"method": "deconvolved"},
+                                            num_pixels=10_000, noise_acf=blob)
+    assert np.array_equal(alone, line) and info["extent_misfit_ratio"] > 0.8, E.mask_summary(alone)
+    assert "the line alone" in info["note"]
+
+    beyond = np.where(near, noise, blob)  # the thick line, and a blob around it
+    shown, _ = E.extract_structural_mask(_measured(noise), {"method": "deconvolved"},
+                                         num_pixels=10_000, noise_acf=beyond)
+    assert not (shown & ~near).any() and shown.sum() > line.sum(), E.mask_summary(shown)
