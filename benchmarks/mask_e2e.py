@@ -3,7 +3,8 @@
     python benchmarks/mask_e2e.py [--cases gauss1,box3,line7@45,disc2,white,poisson] [--seeds 1]
     python benchmarks/mask_e2e.py --cases ring --epochs 15 --set stage2.patch_size=64
 
-Per case: 4 noisy 128x128 synthetic cell images (`noise_family.add_noise`), the full pipeline
+Per case: 4 noisy 128x128 synthetic cell images (`--family`: or photo / texture crops; noise from
+`noise_family.add_noise`), the full pipeline
 (stage 1, mask from the raw images with the default extractor, stage 2) with the small config of
 tests/test_quality.py (features 8, patch 32, 5 epochs), PSNR against the clean images.  Prints
 noisy / stage 1 / stage 2 PSNR, the gain of stage 2 over stage 1 and the mask.
@@ -32,6 +33,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="gauss1,box3,line7@45,disc2,white,poisson")
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--family", default="cells", choices=F.FAMILIES,
+                        help="image content (photos and texture need scikit-image, the bench extra)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override on top of the small config, e.g. stage2.patch_size=64")
@@ -42,7 +45,7 @@ def main() -> None:
     for case in args.cases.split(","):
         for seed in range(args.seeds):
             rng = np.random.default_rng(500 + seed)
-            clean = F.clean_images("cells", rng, 4, 128)
+            clean = F.clean_images(args.family, rng, 4, 128)
             with tempfile.TemporaryDirectory() as tmp:
                 root = pathlib.Path(tmp)
                 for sub in ("noisy", "clean"):
