@@ -4,6 +4,7 @@
 * :func:`highpass` -- image minus its Gaussian blur: removes the image's own smooth correlation
   before the ACF is measured (the pipeline applies it to the images, then cuts the patches).
 * :func:`highpass_acf` -- the autocorrelation of that filter itself (what it does to any ACF).
+* :func:`highpassed_correlation` -- what a given noise correlation looks like after the high-pass.
 * :func:`flattest_tiles` -- the tiles of the patches with the least high-passed variance (where the
   image content is flattest, so the ACF there is mostly noise).
 * :func:`deconvolve_highpass` -- the noise ACF before the high-pass, recovered from the ACF after
@@ -26,8 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.fft
 import scipy.ndimage
+import scipy.signal
 
-__all__ = ["autocorrelation", "highpass", "highpass_acf", "flattest_tiles", "deconvolve_highpass"]
+__all__ = ["autocorrelation", "highpass", "highpass_acf", "highpassed_correlation", "flattest_tiles",
+           "deconvolve_highpass"]
 
 @functools.partial(jax.jit, static_argnames=("normalize", "log", "unbiased"))
 def autocorrelation(
@@ -125,6 +128,27 @@ def highpass_acf(sigma: float, radius: int) -> np.ndarray:
         return g
     h = g - scipy.ndimage.gaussian_filter(g, float(sigma), mode="constant", truncate=8.0)
     return scipy.ndimage.correlate(h, h, mode="constant")
+
+
+def highpassed_correlation(noise: Any, sigma: float, size: int) -> np.ndarray:
+    """The normalised ACF that high-passed patches show for noise correlated as ``noise``.
+
+    ``highpass_acf(sigma) * noise`` (2-D convolution over lags; ``noise`` an odd square, zero lag
+    in the middle), divided by its zero-lag value and cropped (or zero padded) to ``size``: the
+    forward model that :func:`deconvolve_highpass` inverts, comparable with
+    ``autocorrelation(highpassed patches, normalize=True, log=False, unbiased=True)``.  Zeros when
+    the zero-lag value is <= 0.
+    """
+    n = np.asarray(noise, dtype=np.float64)
+    h = highpass_acf(sigma, max(int(size), n.shape[0]) // 2 + 1)
+    p = scipy.signal.convolve2d(n, h, mode="full")
+    c = p[p.shape[0] // 2, p.shape[1] // 2]
+    p = p / c if c > 0 else np.zeros_like(p)
+    k, r = p.shape[0] // 2, int(size) // 2
+    out = np.zeros((2 * r + 1, 2 * r + 1))
+    m = min(k, r)
+    out[r - m:r + m + 1, r - m:r + m + 1] = p[k - m:k + m + 1, k - m:k + m + 1]
+    return out
 
 
 def flattest_tiles(patches: Any, tile: int, fraction: float, smooth: float = 0.0,

@@ -30,10 +30,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import scipy.ndimage
-import scipy.signal
 
 from . import sampling
-from .autocorr import autocorrelation, deconvolve_highpass, flattest_tiles, highpass, highpass_acf
+from .autocorr import autocorrelation, deconvolve_highpass, flattest_tiles, highpass, highpassed_correlation
 from .extractor_config import EXTRACTOR_METHODS, validate_extractor_config
 from .maskshape import chebyshev, crop_center, euclid, finish, mask_summary, touches_edge
 
@@ -217,16 +216,6 @@ def _is_line_detection(detected: np.ndarray, excess: np.ndarray) -> bool:
     return thickness <= _LINE_MAX_THICKNESS and float(np.mean(excess[off])) >= _LINE_MIN_EXCESS
 
 
-def _highpassed_prediction(noise: np.ndarray, support: np.ndarray, sigma: float, size: int) -> np.ndarray:
-    """The normalised ACF the high-passed patches would show if the noise correlation were
-    ``noise`` on ``support`` (zero elsewhere): ``highpass_acf(sigma) * noise``, ``size`` square."""
-    n = np.where(np.asarray(support, bool), np.asarray(noise, np.float64), 0.0)
-    h = highpass_acf(sigma, max(size, n.shape[0]) // 2 + 1)
-    p = scipy.signal.convolve2d(n, h, mode="full")
-    c = p[p.shape[0] // 2, p.shape[1] // 2]
-    return crop_center(p / c if c > 0 else np.zeros_like(p), size)
-
-
 def _extent_misfit_ratio(noise: np.ndarray, line: np.ndarray, extended: np.ndarray,
                          measured: np.ndarray, sigma: float) -> float:
     """Misfit of the measured high-passed ACF by ``extended`` over that by ``line`` (both lag sets
@@ -234,7 +223,7 @@ def _extent_misfit_ratio(noise: np.ndarray, line: np.ndarray, extended: np.ndarr
     size = measured.shape[0]
     off = np.ones((size, size), bool)
     off[size // 2, size // 2] = False
-    miss = [np.linalg.norm((_highpassed_prediction(noise, s, sigma, size) - measured)[off])
+    miss = [np.linalg.norm((highpassed_correlation(np.where(s, noise, 0.0), sigma, size) - measured)[off])
             for s in (extended, line)]
     return float(miss[0] / max(miss[1], 1e-12))
 

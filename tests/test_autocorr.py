@@ -263,7 +263,7 @@ def _thick_line(side: float) -> tuple[np.ndarray, np.ndarray]:
 
 def _measured(noise: np.ndarray) -> np.ndarray:
     """The normalised ACF that high-passed (sigma 1) patches of noise correlated as ``noise`` show."""
-    return E._highpassed_prediction(noise, np.ones(noise.shape, bool), 1.0, 21)
+    return A.highpassed_correlation(noise, 1.0, 21)
 
 
 def test_a_line_whose_recovery_does_not_fit_takes_its_extent_from_the_significance_test():
@@ -303,3 +303,21 @@ def test_a_line_keeps_a_recovered_extent_only_where_the_measured_correlation_sho
     shown, _ = E.extract_structural_mask(_measured(noise), {"method": "deconvolved"},
                                          num_pixels=10_000, noise_acf=beyond)
     assert not (shown & ~near).any() and shown.sum() > line.sum(), E.mask_summary(shown)
+
+
+def test_highpassed_correlation_is_what_highpassed_noise_shows_and_what_the_inversion_undoes():
+    rng = np.random.default_rng(3)
+    kernel = np.zeros((5, 5))
+    kernel[2, :] = 1.0  # a horizontal line of 5
+    kernel[1:4, 2] = 1.0  # and a short vertical bar: a 2-D shape
+    noise = ndi.convolve(rng.standard_normal((4, 384, 384)), kernel[None], mode="wrap")
+    noise += 0.5 * rng.standard_normal(noise.shape)
+    measured = np.asarray(A.autocorrelation(A.highpass(noise, 1.0), normalize=True, log=False, unbiased=True))
+    true = scipy.signal.correlate2d(kernel, kernel, mode="full")
+    true[4, 4] += 0.25  # the white part (0.5**2) beside the 7 taps of unit variance
+    true /= true[4, 4]
+    predicted = A.highpassed_correlation(true, 1.0, 11)
+    assert predicted.shape == (11, 11) and predicted[5, 5] == 1.0
+    np.testing.assert_allclose(predicted, maskshape.crop_center(measured, 11), atol=0.02)
+    recovered = A.deconvolve_highpass(A.highpassed_correlation(true, 1.0, 33), 1.0, 8)
+    np.testing.assert_allclose(maskshape.crop_center(recovered, 9), maskshape.crop_center(true, 9), atol=0.02)
