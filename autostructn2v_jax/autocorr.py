@@ -29,6 +29,8 @@ import scipy.fft
 import scipy.ndimage
 import scipy.signal
 
+from .maskshape import crop_center
+
 __all__ = ["autocorrelation", "highpass", "highpass_acf", "highpassed_correlation", "flattest_tiles",
            "deconvolve_highpass"]
 
@@ -143,12 +145,7 @@ def highpassed_correlation(noise: Any, sigma: float, size: int) -> np.ndarray:
     h = highpass_acf(sigma, max(int(size), n.shape[0]) // 2 + 1)
     p = scipy.signal.convolve2d(n, h, mode="full")
     c = p[p.shape[0] // 2, p.shape[1] // 2]
-    p = p / c if c > 0 else np.zeros_like(p)
-    k, r = p.shape[0] // 2, int(size) // 2
-    out = np.zeros((2 * r + 1, 2 * r + 1))
-    m = min(k, r)
-    out[r - m:r + m + 1, r - m:r + m + 1] = p[k - m:k + m + 1, k - m:k + m + 1]
-    return out
+    return crop_center(p / c if c > 0 else np.zeros_like(p), int(size))
 
 
 def flattest_tiles(patches: Any, tile: int, fraction: float, smooth: float = 0.0,

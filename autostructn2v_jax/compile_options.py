@@ -150,11 +150,7 @@ def machine_key() -> str:
                          model)
     except OSError:
         pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return f"{model} | {cores} cores | jax {jax.__version__}"
+    return f"{model} | {parallel.available_cores()} cores | jax {jax.__version__}"
 
 
 def measure(batch: int = 8, repeats: int = 5) -> dict[str, Any]:
